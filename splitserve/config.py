@@ -1,0 +1,189 @@
+"""The frozen configuration tree: model, cache, scheduler and engine configs.
+
+Validated once, at construction; derived values are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from splitserve.errors import InvalidRequestError, ModelLoadError
+
+# HF `architectures[0]` / `model_type` values we implement, mapped to our feature flags.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+Role = Literal["colocated", "prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder. Built from a Hugging Face config by `from_hf`."""
+
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head before RoPE
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # Llama-3 style, as sorted items
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    @classmethod
+    def from_hf(cls, hf: Any, name: str = "model") -> ModelConfig:
+        """From a transformers `PretrainedConfig` (or its dict)."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        archs = d.get("architectures") or []
+        arch = None
+        for a in archs:
+            arch = SUPPORTED_ARCHITECTURES.get(a)
+            if arch:
+                break
+        if arch is None:
+            mt = d.get("model_type")
+            arch = mt if mt in SUPPORTED_ARCHITECTURES.values() else None
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or d.get('model_type')!r}; splitserve supports "
+                f"{sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if d.get("sliding_window") and d.get("use_sliding_window", arch == "mistral"):
+            # A sliding window only changes attention past its length; we cap the context there.
+            d = {**d, "max_position_embeddings": min(d["max_position_embeddings"], d["sliding_window"])}
+        num_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
+        rope = d.get("rope_scaling") or None
+        if rope is None and isinstance(d.get("rope_parameters"), dict):
+            rp = d["rope_parameters"]
+            if rp.get("rope_type", "default") != "default":
+                rope = rp
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if rope is not None:
+            rtype = rope.get("rope_type") or rope.get("type")
+            if rtype in (None, "default"):
+                rope = None
+            elif rtype != "llama3":
+                raise ModelLoadError(f"unsupported rope_scaling type {rtype!r} (supported: llama3)")
+            else:
+                rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+            rope_scaling=tuple(sorted(rope.items())) if rope else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=name,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Number of KV blocks; None sizes the pool from `kv_cache_memory_gb`.
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    # Mixed into the root of every block hash, so that two deployments that must not share
+    # cache entries (other weights, other tenants) never collide.
+    hash_salt: str = ""
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidRequestError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # the per-step token budget
+    max_num_seqs: int = 64
+    # True: Sarathi-style (running decodes first, then prompt chunks that fill the budget).
+    # False: vLLM-v0-style prefill priority: whole prompts first, decodes wait for them.
+    chunked_prefill: bool = True
+    role: Role = "colocated"
+
+    def __post_init__(self):
+        if self.role not in ("colocated", "prefill", "decode"):
+            raise InvalidRequestError(f"role must be colocated, prefill or decode, got {self.role!r}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # "default", a HF model directory, or a .gguf file
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    device: str = "auto"  # "auto" picks cuda when present
+    quantization: Literal[None, "int8"] = None
+    # The fast CPU path: prepacked oneDNN linears (and the int8 kernel). Off = plain F.linear.
+    fast_linear: bool = True
+    num_threads: int | None = None
+    max_model_len: int | None = None  # None: the model's context length
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise InvalidRequestError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.quantization not in (None, "int8"):
+            raise InvalidRequestError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InvalidRequestError(f"num_threads must be >= 1, got {self.num_threads}")

@@ -1,0 +1,216 @@
+"""LLMEngine: schedule -> run -> postprocess, one step at a time.
+
+The same engine core serves all three roles (SchedulerConfig.role); the disaggregated runtime
+drives it through add_request / reserve / admit / release and reads the KV tensors directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.config import EngineConfig, ModelConfig
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampler import Sampler
+from splitserve.engine.scheduler import Scheduler
+from splitserve.errors import InvalidRequestError
+from splitserve.kv.cache import KVCache, kv_bytes_per_block
+from splitserve.kv.hashing import root_hash
+from splitserve.kv.manager import KVCacheManager
+from splitserve.model.layers import pick_linear_mode
+from splitserve.model.loader import build_model, load_checkpoint
+from splitserve.request import Request, RequestStatus, SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas) plus the running totals."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
+    stop_reason: int | str | None = None
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _ReqState:
+    detok: IncrementalDetokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = config or EngineConfig(**overrides)
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = pick_device(config.device)
+        self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        ck = load_checkpoint(config.model, self.dtype)
+        self.model_config: ModelConfig = ck.config
+        self.tokenizer = ck.tokenizer
+        self.model_path = ck.path
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len={self.max_model_len} exceeds the model's context of "
+                f"{mc.max_position_embeddings} tokens"
+            )
+        self.model = build_model(ck, self.max_model_len, self.dtype, self.device)
+        del ck
+        self.linear_mode = pick_linear_mode(config.fast_linear, config.quantization, self.dtype, self.device)
+        for lin in self.model.linears():
+            lin.prepare(self.linear_mode)
+
+        cc = config.cache
+        per_block = kv_bytes_per_block(mc, cc.block_size, self.dtype)
+        num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // per_block))
+        self.kv_cache = KVCache(mc, num_blocks, cc.block_size, self.dtype, self.device)
+        self.kv_manager = KVCacheManager(
+            num_blocks, cc.block_size, root_hash(self.model_id, cc.block_size, cc.hash_salt),
+            enable_caching=cc.enable_prefix_caching,
+        )
+        eos = set(mc.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self.kv_manager.block_ids, self.device)
+        self._states: dict[str, _ReqState] = {}
+        self._ids = itertools.count()
+
+    @property
+    def model_id(self) -> str:
+        """Identity of the weights for block hashes: file name, dtype and quantisation."""
+        q = self.config.quantization or "none"
+        return f"{self.model_config.name}|{self.config.dtype}|{q}"
+
+    # -- prompts ---------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, list | tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise InvalidRequestError("a prompt must be a string or a list of integer token ids")
+        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
+            )
+        return list(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template; send a plain prompt")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:
+            raise InvalidRequestError(f"messages do not fit the chat template: {e}") from e
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # -- requests --------------------------------------------------------------------------
+    def _new_request(self, prompt, params, request_id, arrival_time) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(request_id, self.encode(prompt), params, arrival_time=arrival_time)
+        self._states[request_id] = _ReqState(
+            IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
+                                   params.include_stop_str_in_output)
+        )
+        return req
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float = 0.0) -> str:
+        params = params or SamplingParams()
+        req = self._new_request(prompt, params, request_id, arrival_time)
+        try:
+            self.scheduler.add_request(req)
+        except Exception:
+            self._states.pop(req.request_id, None)
+            raise
+        return req.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if req is not None and req.status is RequestStatus.FINISHED_PREFILLED:
+            self.scheduler.release(request_id)
+        self.sampler.forget(request_id)
+        st = self._states.pop(request_id, None)
+        if req is None or st is None:
+            return None
+        return RequestOutput(request_id, [], "", list(req.output_token_ids), st.detok.text, True, "abort")
+
+    # decode role
+    def reserve(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                arrival_time: float = 0.0) -> list[int] | None:
+        req = self._new_request(prompt_token_ids, params, request_id, arrival_time)
+        block_ids = self.scheduler.reserve(req)
+        if block_ids is None:
+            self._states.pop(request_id, None)
+        return block_ids
+
+    def admit(self, request_id: str, first_token: int) -> RequestOutput:
+        req = self.scheduler.admit(request_id, first_token)
+        return self._postprocess(req, [])
+
+    # prefill role
+    def release(self, request_id: str) -> None:
+        self.scheduler.release(request_id)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        res = self.runner.execute(out)
+        stepped = self.scheduler.update_from_output(out, res.sampled)
+        return [self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])
+                for r in stepped]
+
+    def _postprocess(self, req: Request, logprobs: list) -> RequestOutput:
+        rid = req.request_id
+        st = self._states[rid]
+        tok = req.output_token_ids[-1]
+        stop_str = st.detok.add(tok)
+        if stop_str is not None and not req.is_finished:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
+        finished = req.is_finished
+        o = RequestOutput(
+            rid, [tok], st.detok.take(finished), list(req.output_token_ids), st.detok.text,
+            finished, req.status.value if finished else None, req.stop_reason, logprobs,
+            req.num_prompt_tokens, req.num_cached_tokens,
+        )
+        if finished:
+            self.sampler.forget(rid)
+            del self._states[rid]
+        return o
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+        assert set(self._states) >= {r for r in self.scheduler.requests
+                                     if not self.scheduler.requests[r].is_finished}

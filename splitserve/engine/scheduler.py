@@ -1,0 +1,255 @@
+"""Continuous batching under a per-step token budget; one scheduler for three roles.
+
+Plain Python over plain data (no torch, no clock): the simulator drives this same code.
+
+Each step spends at most `max_num_batched_tokens` tokens:
+
+  chunked_prefill=True  (Sarathi-style)   running requests first, in arrival order (a decode
+                                          costs 1 token, an unfinished prompt its next chunk),
+                                          then waiting prompts, chunked to fill the budget
+  chunked_prefill=False (prefill priority) whole waiting prompts first; decodes run only in
+                                          steps where no prompt was admitted (vLLM v0 style)
+
+When blocks run out, the most recently admitted running request is preempted by recompute
+(blocks freed, put back at the head of the queue; its prefix-cache blocks often survive).
+
+Roles differ only in where a request enters and leaves:
+  colocated  add_request -> ... -> finished (stop / length)
+  prefill    add_request -> first token -> FINISHED_PREFILLED, blocks held until release()
+  decode     reserve() blocks -> KV written by a prefill worker -> admit(first token) -> ...
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from splitserve.config import SchedulerConfig
+from splitserve.errors import InvalidRequestError
+from splitserve.kv.manager import KVCacheManager
+from splitserve.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_new_tokens) of `request` run through the model this step."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def sample(self) -> bool:
+        """The chunk reaches the last known token, so a new token is sampled from it."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
+    ):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished or held request
+
+    # -- entering --------------------------------------------------------------------------
+    def _check_new(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        if req.num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {req.num_prompt_tokens} tokens; this model's context is "
+                f"{self.max_model_len} tokens (prompt + output), so the prompt must be shorter"
+            )
+        need = -(-(req.num_prompt_tokens + 1) // self.kv.block_size)
+        if need > self.kv.pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt needs {need} KV blocks; the cache has {self.kv.pool.num_blocks}"
+            )
+
+    def add_request(self, req: Request) -> None:
+        if self.config.role == "decode":
+            raise InvalidRequestError("a decode-role engine takes requests via reserve()/admit()")
+        self._check_new(req)
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    # decode role -----------------------------------------------------------------------------
+    def reserve(self, req: Request) -> list[int] | None:
+        """Decode role: hold blocks for req's prompt, to be written by a prefill worker.
+        Returns their ids, or None when the blocks or sequence slots are not available now."""
+        self._check_new(req)
+        busy = sum(1 for r in self.requests.values() if not r.is_finished)
+        if busy >= self.config.max_num_seqs:
+            return None
+        if not self.kv.allocate_slots(req, req.num_prompt_tokens):
+            return None
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.requests[req.request_id] = req
+        return self.kv.block_ids(req.request_id)
+
+    def admit(self, request_id: str, first_token: int) -> Request:
+        """Decode role: the prompt's KV is in the reserved blocks and `first_token` was sampled
+        by the prefill worker; the request joins the running batch (or finishes at once)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_KV:
+            raise InvalidRequestError(f"request {request_id!r} has no reserved blocks to admit")
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._append_token(req, first_token)
+        return req
+
+    # prefill role ----------------------------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """Prefill role: the hand-off is done (or abandoned); free the request's blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    # -- scheduling ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if self.config.chunked_prefill:
+            budget = self._schedule_running(out, budget)
+            if not out.preempted:
+                self._schedule_waiting(out, budget, chunked=True)
+        else:
+            self._schedule_waiting(out, budget, chunked=False)
+            if out.is_empty:
+                self._schedule_running(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    return budget
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            computed, num_hit = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if chunked:
+                num_new = min(num_new, budget)
+            elif num_new > budget and not out.is_empty:
+                break  # whole prompts only; one longer than the budget goes alone
+            if not self.kv.allocate_slots(req, num_new, computed):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, num_hit, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the model ran ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance every scheduled request; returns those that got a new token this step."""
+        got_token = []
+        for ch in out.chunks:
+            req = ch.request
+            if req.is_finished or req.num_computed_tokens != ch.start:
+                continue  # aborted (or otherwise finished) while the step ran
+            req.num_computed_tokens += ch.num_new_tokens
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+            if ch.sample:
+                self._append_token(req, sampled[req.request_id])
+                got_token.append(req)
+        return got_token
+
+    def _append_token(self, req: Request, token: int) -> None:
+        req.output_token_ids.append(token)
+        p = req.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=token)
+        elif token in p.stop_token_ids:
+            self.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=token)
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
+        elif self.config.role == "prefill":
+            self.finish_request(req.request_id, RequestStatus.FINISHED_PREFILLED)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """Finish (stop, length, abort, prefilled) a request wherever it is; frees its blocks
+        unless it is a prefill-role hand-off, whose blocks wait for release()."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return req
+        assert status.finished
+        if req in self.running:
+            self.running.remove(req)
+        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(req)
+        req.status = status
+        req.stop_reason = stop_reason
+        if status is RequestStatus.FINISHED_PREFILLED:
+            return req
+        self.kv.free(req)
+        del self.requests[request_id]
+        return req
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        held = set(self.kv.req_blocks)
+        for req in self.waiting:
+            assert req.request_id not in held, f"waiting {req.request_id} holds blocks"
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING
+        assert len(self.running) <= max(self.config.max_num_seqs, len(self.running))

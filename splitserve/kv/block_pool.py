@@ -1,0 +1,135 @@
+"""A pool of fixed-size KV blocks: reference counts, an LRU free queue, a hash -> block map.
+
+Every block is in exactly one of three states:
+
+    in use   ref_cnt > 0                      held by one or more requests
+    cached   ref_cnt == 0 and block_hash set  in the free queue, still findable by hash
+    free     ref_cnt == 0, no hash            in the free queue
+
+so  free + cached + in use == num_blocks.  The free queue is ordered by eviction priority
+(front = evicted first); a cached block is evicted (its hash forgotten) only when it is popped
+for a new allocation. Removal from the middle of the queue (a cache hit on a free block) is O(1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class KVBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: bytes | None = None
+
+    def __repr__(self) -> str:
+        h = self.block_hash.hex()[:8] if self.block_hash else None
+        return f"KVBlock({self.block_id}, ref={self.ref_cnt}, hash={h})"
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[bytes, KVBlock] = {}
+        self.num_evictions = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now: free plus cached (evictable)."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return sum(1 for i in self._free if self.blocks[i].block_hash is not None)
+
+    def usage(self) -> dict[str, int]:
+        cached = self.num_cached_blocks
+        return {
+            "total": self.num_blocks,
+            "in_use": self.num_blocks - len(self._free),
+            "cached": cached,
+            "free": len(self._free) - cached,
+        }
+
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
+        return self._cached.get(block_hash)
+
+    # -- transitions -----------------------------------------------------------------------
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on blocks found by hash (taking cached ones off the free queue)."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                del self._free[b.block_id]
+            b.ref_cnt += 1
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        if n > len(self._free):
+            raise NoFreeBlocksError(f"need {n} KV blocks, {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            block_id, _ = self._free.popitem(last=False)
+            b = self.blocks[block_id]
+            if b.block_hash is not None:
+                del self._cached[b.block_hash]
+                b.block_hash = None
+                self.num_evictions += 1
+            b.ref_cnt = 1
+            out.append(b)
+        return out
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference each; blocks reaching zero join the queue's tail in the order
+        given (so pass the blocks least worth keeping first)."""
+        for b in blocks:
+            if b.ref_cnt <= 0:
+                raise RuntimeError(f"double free of {b}")
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self._free[b.block_id] = None
+
+    def cache(self, block: KVBlock, block_hash: bytes) -> None:
+        """Register a full block under its hash. A block already cached under another id keeps
+        the map entry (the duplicate stays private to its request and is freed uncached)."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash in self._cached:
+            return
+        block.block_hash = block_hash
+        self._cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash of an unreferenced block."""
+        for b in list(self._cached.values()):
+            if b.ref_cnt == 0:
+                del self._cached[b.block_hash]
+                b.block_hash = None
+
+    # -- invariants ------------------------------------------------------------------------
+    def check_integrity(self, holders: Iterable[Iterable[KVBlock]] = ()) -> None:
+        """Raise AssertionError if the pool is inconsistent. `holders`: each request's block
+        list; each block's ref_cnt must equal the number of holders that name it."""
+        refs = [0] * self.num_blocks
+        for blocks in holders:
+            for b in blocks:
+                refs[b.block_id] += 1
+        for b in self.blocks:
+            assert b.ref_cnt == refs[b.block_id], f"{b}: {refs[b.block_id]} holders"
+            assert (b.ref_cnt == 0) == (b.block_id in self._free), f"{b}: free-queue mismatch"
+            if b.block_hash is not None:
+                assert self._cached.get(b.block_hash) is b, f"{b}: hash map mismatch"
+        assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
+        u = self.usage()
+        assert u["free"] + u["cached"] + u["in_use"] == u["total"], u

@@ -1,0 +1,108 @@
+"""KV cache manager: which blocks each request holds, prefix-cache lookups, allocation.
+
+Plain Python over plain data (no torch, no clock): the scheduler calls it, the simulator will too.
+
+A request's blocks cover its tokens in order; block j holds tokens [j*B, (j+1)*B). Only full
+blocks are hashed and cached. When a request's blocks are freed they go back in reverse order,
+so its tail (least likely to be shared) is evicted first.
+"""
+
+from __future__ import annotations
+
+from splitserve.kv.block_pool import BlockPool, KVBlock
+from splitserve.kv.hashing import extend_block_hashes
+from splitserve.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, root_hash: bytes, enable_caching: bool = True):
+        self.block_size = block_size
+        self.root_hash = root_hash
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # prefix-cache statistics (queried tokens vs hit tokens)
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    # -- hashes ----------------------------------------------------------------------------
+    def update_hashes(self, req: Request) -> list[bytes]:
+        if len(req.block_hashes) < req.num_tokens // self.block_size:
+            extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, self.root_hash)
+        return req.block_hashes
+
+    # -- lookups ---------------------------------------------------------------------------
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of req's full blocks, leaving at least one token to compute
+        (the model must run on the last token to produce logits). Takes no references."""
+        if not self.enable_caching:
+            return [], 0
+        hashes = self.update_hashes(req)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hit: list[KVBlock] = []
+        for h in hashes[:max_blocks]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hit.append(b)
+        self.num_queried_tokens += req.num_tokens
+        self.num_hit_tokens += len(hit) * self.block_size
+        return hit, len(hit) * self.block_size
+
+    def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> int:
+        held = len(self.req_blocks.get(req.request_id, ())) + len(computed)
+        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        return max(0, cdiv(total, self.block_size) - held)
+
+    def can_allocate(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
+        # hits on cached (unreferenced) blocks leave the free queue when touched
+        evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        need = self.num_blocks_needed(req, num_new_tokens, computed)
+        return need <= self.pool.num_free_blocks - evictable_hits
+
+    # -- transitions -----------------------------------------------------------------------
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
+        """Make req hold blocks for num_computed_tokens + |computed|*B + num_new_tokens tokens.
+        Returns False (changing nothing) when there are not enough free blocks."""
+        if not self.can_allocate(req, num_new_tokens, computed):
+            return False
+        need = self.num_blocks_needed(req, num_new_tokens, computed)
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        if computed:
+            self.pool.touch(computed)
+            blocks.extend(computed)
+        if need:
+            blocks.extend(self.pool.allocate(need))
+        return True
+
+    def cache_blocks(self, req: Request, num_tokens: int) -> None:
+        """Register req's full blocks among its first num_tokens tokens in the prefix cache.
+        Called once the KV for those tokens is (or, within this step, will be) written."""
+        if not self.enable_caching:
+            return
+        blocks = self.req_blocks.get(req.request_id, ())
+        n_full = min(num_tokens // self.block_size, len(blocks))
+        if n_full == 0:
+            return
+        hashes = self.update_hashes(req)
+        for j in range(n_full):
+            self.pool.cache(blocks[j], hashes[j])
+
+    def free(self, req: Request) -> None:
+        blocks = self.req_blocks.pop(req.request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity(self.req_blocks.values())
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

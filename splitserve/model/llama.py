@@ -1,0 +1,115 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+Inputs are one flat batch of T tokens (see attention/metadata.py for the layout):
+input_ids [T], positions [T]. Q/K/V and gate/up projections are fused into one matmul each.
+Logits are computed only for the rows that are sampled (`compute_logits`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.attention.backends import get_backend
+from splitserve.attention.metadata import AttentionMetadata
+from splitserve.config import ModelConfig
+from splitserve.kv.cache import KVCache
+from splitserve.model.layers import Linear, RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, mc: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        self.qkv_proj = Linear(mc.hidden_size, mc.q_size + 2 * mc.kv_size, bias=mc.attention_bias)
+        self.o_proj = Linear(mc.q_size, mc.hidden_size)
+        if mc.qk_norm:
+            self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+            self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, positions, rope, meta: AttentionMetadata, cache: KVCache, attn_fn):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(T, self.nh, self.hd)
+        k = k.view(T, self.nkv, self.hd)
+        v = v.view(T, self.nkv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        # Write every token's K/V before any sequence attends: a chunk reads its own K/V back.
+        cache.write(self.layer_idx, k, v, meta.slot_mapping)
+        k_cache, v_cache = cache.layer(self.layer_idx)
+        o = attn_fn(q, k, v, meta, k_cache, v_cache)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        self.inter = mc.intermediate_size
+        self.gate_up_proj = Linear(mc.hidden_size, 2 * mc.intermediate_size)
+        self.down_proj = Linear(mc.intermediate_size, mc.hidden_size)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, mc: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.self_attn = Attention(mc, layer_idx)
+        self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.mlp = MLP(mc)
+
+    def forward(self, h, positions, rope, meta, cache, attn_fn):
+        h = h + self.self_attn(self.input_layernorm(h), positions, rope, meta, cache, attn_fn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, mc: ModelConfig, max_positions: int, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.config = mc
+        self.embed_tokens = nn.Embedding(mc.vocab_size, mc.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(mc, i) for i in range(mc.num_layers))
+        self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.lm_head = Linear(mc.hidden_size, mc.vocab_size)
+        self.rope = RotaryEmbedding(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling_dict)
+        self.attn_fn = get_backend(attention_backend)
+
+    def set_attention_backend(self, name: str) -> None:
+        self.attn_fn = get_backend(name)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, self.rope, meta, cache, self.attn_fn)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (only the rows to sample) -> fp32 logits [N, V]."""
+        return self.lm_head(hidden).float()
+
+    def linears(self):
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def weight_bytes_per_token_step(self) -> int:
+        """Bytes of weights one forward step reads (all linears incl. lm_head; embeddings are
+        a row lookup)."""
+        total = 0
+        for m in self.linears():
+            if m.mode == "int8":
+                total += m._packed.numel() + m._scales.numel() * m._scales.element_size()
+            else:
+                total += m.weight.numel() * m.weight.element_size()
+        return total

