@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from splitserve.config import ModelConfig
 from splitserve.errors import ModelLoadError
 from splitserve.model.llama import LlamaModel
 
@@ -145,20 +145,12 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
     from gguf import GGUFReader, dequantize
-    from transformers import AutoConfig
 
     try:
         reader = GGUFReader(path)
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF file {path!r} (corrupt or truncated?): {e}") from e
-    try:
-        hf_cfg = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    except Exception as e:
-        raise ModelLoadError(f"GGUF file {path!r}: unsupported or unreadable metadata: {e}") from e
-    cfg = hf_cfg.to_dict()
-    if not cfg.get("architectures"):
-        arch_by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
-        cfg["architectures"] = [arch_by_type.get(cfg.get("model_type"), cfg.get("model_type"))]
+    cfg = _gguf_config(reader, path)
     mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))
     permuted = mc.architecture in ("llama", "mistral")
     tensors: dict[str, torch.Tensor] = {}
@@ -172,9 +164,82 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
             raise ModelLoadError(f"GGUF tensor {t.name} cannot be dequantised: {e}") from e
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute_qk(w, mc.num_heads if "q_proj" in name else mc.num_kv_heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+        tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+    return LoadedCheckpoint(mc, tensors, _load_gguf_tokenizer(path), path)
+
+
+_GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _gguf_config(reader, path: str) -> dict:
+    """A Hugging Face-style config dict from GGUF metadata (transformers' own GGUF config
+    parser re-reads the whole file; we already hold the reader)."""
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        v = f.contents()
+        return v
+
+    arch = field("general.architecture")
+    if arch not in _GGUF_ARCH:
+        raise ModelLoadError(
+            f"GGUF file {path!r}: unsupported architecture {arch!r} (supported: {sorted(_GGUF_ARCH)})"
+        )
+    try:
+        n_heads = int(field(f"{arch}.attention.head_count"))
+        hidden = int(field(f"{arch}.embedding_length"))
+        cfg = {
+            "architectures": [_GGUF_ARCH[arch]],
+            "model_type": arch,
+            "hidden_size": hidden,
+            "intermediate_size": int(field(f"{arch}.feed_forward_length")),
+            "num_hidden_layers": int(field(f"{arch}.block_count")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv", n_heads)),
+            "head_dim": int(field(f"{arch}.attention.key_length", hidden // n_heads)),
+            "rms_norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(field(f"{arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
+            "vocab_size": int(field(f"{arch}.vocab_size", 0)) or len(reader.fields["tokenizer.ggml.tokens"].data),
+            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+            "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        }
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"GGUF file {path!r}: incomplete model metadata ({e})") from e
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ModelLoadError(f"GGUF file {path!r}: rope frequency factors (Llama 3.1 rope scaling) are "
+                             "not supported from GGUF; load the Hugging Face directory instead")
+    return cfg
+
+
+def _load_gguf_tokenizer(path: str):
+    """transformers converts a GGUF vocabulary into a fast tokenizer in seconds; keep the result
+    beside the user's cache, keyed by the file's identity, and reuse it."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("SPLITSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "splitserve"))
+    cache_dir = os.path.join(root, "tokenizers", key)
+    if os.path.isfile(os.path.join(cache_dir, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache_dir)
+        except Exception:
+            pass  # a damaged cache entry: convert again below
     tok = _load_tokenizer(path, gguf_file=os.path.basename(path))
-    return LoadedCheckpoint(mc, tensors, tok, path)
+    try:
+        tmp = f"{cache_dir}.tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
+        os.replace(tmp, cache_dir)
+    except OSError:
+        pass  # a read-only home: convert every time
+    return tok
 
 
 # -- into our module ---------------------------------------------------------------------------
