@@ -57,15 +57,7 @@ def sdpa_attention(q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.
     parts = []
     B = meta.num_decode
     if B:
-        bt = meta.decode_block_tables
-        kk = k_cache.index_select(0, bt.view(-1)).view(B, -1, nkv, d).transpose(1, 2)
-        vv = v_cache.index_select(0, bt.view(-1)).view(B, -1, nkv, d).transpose(1, 2)
-        if meta.decode_mask is None and B == 1:
-            L = meta.decode_context_lens_list[0]
-            kk, vv = kk[:, :, :L], vv[:, :, :L]
-        qq = q[:B].view(B, 1, hq, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, enable_gqa=gqa)
-        parts.append(o.transpose(1, 2).reshape(B, hq * d))
+        parts.append(_decode_attention(q[:B], meta, k_cache, v_cache))
     for p in meta.prefills:
         qq = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)
         if p.mask is None:
@@ -81,6 +73,32 @@ def sdpa_attention(q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.
         )
         parts.append(o.squeeze(0).transpose(0, 1).reshape(p.q_len, hq * d))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _decode_attention(q, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    """One new token per sequence: plain batched matmuls. (CPU flash-attention kernels cost
+    ~300 us per call at q_len=1, more than the math.)
+
+        q [B, Hkv, rep, D] @ K^T [B, Hkv, D, L] -> scores [B, Hkv, rep, L] -> softmax -> @ V
+    """
+    B, hq, d = q.shape
+    nkv = k_cache.shape[-2]
+    rep = hq // nkv
+    bt = meta.decode_block_tables
+    L = meta.decode_max_len
+    if B == 1 and meta.decode_mask is None:
+        L = meta.decode_context_lens_list[0]
+    kk = k_cache.index_select(0, bt.view(-1)).view(B, -1, nkv, d)[:, :L]
+    vv = v_cache.index_select(0, bt.view(-1)).view(B, -1, nkv, d)[:, :L]
+    # fp32: oneDNN's bf16 bmm costs ~80 us per call at these tiny shapes, MKL's fp32 a few us
+    qq = q.view(B, nkv, rep, d).float()
+    kk, vv = kk.float(), vv.float()
+    scores = torch.matmul(qq, kk.permute(0, 2, 3, 1)) * (1.0 / math.sqrt(d))
+    if meta.decode_mask is not None:
+        scores = scores.masked_fill(~meta.decode_mask[:, :, :, :L], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.matmul(probs, vv.transpose(1, 2))  # [B, Hkv, rep, D]
+    return out.reshape(B, hq * d).to(q.dtype)
 
 
 BACKENDS = {"reference": reference_attention, "sdpa": sdpa_attention}

@@ -38,11 +38,12 @@ class ScheduledChunk:
     request: Request
     start: int
     num_new_tokens: int
+    # The chunk reaches the last known token, so a new token is sampled from it. Fixed when
+    # scheduled (the request grows once the step's token is appended).
+    sample: bool = field(init=False)
 
-    @property
-    def sample(self) -> bool:
-        """The chunk reaches the last known token, so a new token is sampled from it."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self):
+        self.sample = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -252,4 +253,6 @@ class Scheduler:
             assert req.request_id not in held, f"waiting {req.request_id} holds blocks"
         for req in self.running:
             assert req.status is RequestStatus.RUNNING
-        assert len(self.running) <= max(self.config.max_num_seqs, len(self.running))
+            assert req.request_id in held, f"running {req.request_id} holds no blocks"
+            need = -(-req.num_computed_tokens // self.kv.block_size)
+            assert len(self.kv.req_blocks[req.request_id]) >= need

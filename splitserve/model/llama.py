@@ -31,7 +31,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, positions, rope, meta: AttentionMetadata, cache: KVCache, attn_fn):
+    def forward(self, x, rope_cs, meta: AttentionMetadata, cache: KVCache, attn_fn):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
@@ -40,7 +40,7 @@ class Attention(nn.Module):
         v = v.view(T, self.nkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = RotaryEmbedding.apply(q, k, *rope_cs)
         # Write every token's K/V before any sequence attends: a chunk reads its own K/V back.
         cache.write(self.layer_idx, k, v, meta.slot_mapping)
         k_cache, v_cache = cache.layer(self.layer_idx)
@@ -68,8 +68,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.mlp = MLP(mc)
 
-    def forward(self, h, positions, rope, meta, cache, attn_fn):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rope, meta, cache, attn_fn)
+    def forward(self, h, rope_cs, meta, cache, attn_fn):
+        h = h + self.self_attn(self.input_layernorm(h), rope_cs, meta, cache, attn_fn)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -91,8 +91,9 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        rope_cs = self.rope.tables(positions, h.dtype)
         for layer in self.layers:
-            h = layer(h, positions, self.rope, meta, cache, self.attn_fn)
+            h = layer(h, rope_cs, meta, cache, self.attn_fn)
         return self.norm(h)
 
     @torch.inference_mode()
