@@ -32,7 +32,7 @@ class LLM:
     def __init__(self, model: str = "default", *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory_gb: float = 1.0, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                 chunked_prefill: bool = True, **engine_kwargs):
+                 chunked_prefill: bool = True, checkpoint=None, **engine_kwargs):
         cfg = EngineConfig(
             model=model,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
@@ -42,7 +42,7 @@ class LLM:
                                       max_num_seqs=max_num_seqs, chunked_prefill=chunked_prefill),
             **engine_kwargs,
         )
-        self.engine = LLMEngine(cfg)
+        self.engine = LLMEngine(cfg, checkpoint=checkpoint)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:

@@ -21,7 +21,7 @@ from splitserve.kv.cache import KVCache, kv_bytes_per_block
 from splitserve.kv.hashing import root_hash
 from splitserve.kv.manager import KVCacheManager
 from splitserve.model.layers import pick_linear_mode
-from splitserve.model.loader import build_model, load_checkpoint
+from splitserve.model.loader import LoadedCheckpoint, build_model, load_checkpoint
 from splitserve.request import Request, RequestStatus, SamplingParams
 
 
@@ -57,14 +57,17 @@ def pick_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, **overrides):
+    def __init__(self, config: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
+                 **overrides):
+        """`checkpoint`: weights already loaded by `load_checkpoint` (several engines in one
+        process share one load); otherwise config.model is loaded."""
         config = config or EngineConfig(**overrides)
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = pick_device(config.device)
         self.dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        ck = load_checkpoint(config.model, self.dtype)
+        ck = checkpoint or load_checkpoint(config.model, self.dtype)
         self.model_config: ModelConfig = ck.config
         self.tokenizer = ck.tokenizer
         self.model_path = ck.path
@@ -206,6 +209,31 @@ class LLMEngine:
             self.sampler.forget(rid)
             del self._states[rid]
         return o
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> list[float]:
+        """log p(token_i | tokens_<i) for i >= 1 (prompt logprobs), e.g. for perplexity.
+        Runs outside the scheduler on blocks taken from (and returned to) the pool."""
+        from splitserve.engine.scheduler import ScheduledChunk
+
+        req = Request(f"score-{next(self._ids)}", self.encode(token_ids), SamplingParams(max_tokens=1))
+        n = req.num_prompt_tokens
+        if n < 2 or n > self.max_model_len:
+            raise InvalidRequestError(f"score needs 2..{self.max_model_len} tokens, got {n}")
+        if not self.kv_manager.allocate_slots(req, n):
+            raise InvalidRequestError("not enough free KV blocks to score this sequence now")
+        try:
+            input_ids, positions, meta, _, _ = self.runner.build([ScheduledChunk(req, 0, n)])
+            hidden = self.model(input_ids, positions, meta, self.kv_cache)
+            out = []
+            for start in range(0, n - 1, 256):  # bound the [rows, vocab] logits
+                rows = hidden[start : min(n - 1, start + 256)]
+                lp = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+                nxt = input_ids[start + 1 : start + 1 + rows.shape[0]]
+                out.extend(lp.gather(1, nxt[:, None]).squeeze(1).tolist())
+            return out
+        finally:
+            self.kv_manager.free(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

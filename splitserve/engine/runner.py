@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.attention.metadata import AttentionMetadata, PrefillSeq
-from splitserve.engine.sampler import SampleResult, Sampler
+from splitserve.engine.sampler import Sampler, SampleResult
 from splitserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from splitserve.kv.cache import KVCache
 from splitserve.model.llama import LlamaModel

@@ -1,0 +1,107 @@
+"""`splitserve generate | bench ...`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from splitserve.errors import SplitServeError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face model dir, or a .gguf file")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-fast-linear", action="store_true", help="plain F.linear (the reference path)")
+
+
+def _engine_config(a):
+    from splitserve.config import EngineConfig
+
+    return EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
+                        num_threads=a.threads, fast_linear=not a.no_fast_linear)
+
+
+def cmd_generate(a) -> int:
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.request import SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.seed, stop=tuple(a.stop or ()))
+    t0 = time.perf_counter()
+    eng = LLMEngine(_engine_config(a))
+    t_load = time.perf_counter() - t0
+    use_chat = not a.no_chat and getattr(eng.tokenizer, "chat_template", None)
+    prompts = a.prompt or ["Write a haiku about the sea."]
+    for i, prompt in enumerate(prompts):
+        if i:
+            print()
+        toks = eng.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat else eng.encode(prompt)
+        t_start = time.perf_counter()
+        eng.add_request(toks, params)
+        t_first, n = None, 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                if t_first is None:
+                    t_first = time.perf_counter()
+                n += len(o.new_token_ids)
+                sys.stdout.write(o.new_text)
+                sys.stdout.flush()
+                if o.finished:
+                    reason = o.finish_reason
+        t_end = time.perf_counter()
+        tpot = (t_end - t_first) / (n - 1) * 1e3 if n > 1 else float("nan")
+        print(f"\n[{len(toks)} prompt tokens, {n} generated, finish={reason}; load {t_load:.1f} s, "
+              f"TTFT {(t_first - t_start) * 1e3:.0f} ms, TPOT {tpot:.1f} ms, "
+              f"{eng.linear_mode} linears, {eng.dtype}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_engine(a) -> int:
+    from splitserve.bench.engine import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text with one engine (chat template applied for chat models)")
+    _engine_args(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="send the prompt raw, without the chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    be = bsub.add_parser("engine", help="prefill and decode speed next to the machine's roofline")
+    _engine_args(be)
+    from splitserve.bench.engine import add_args
+
+    add_args(be)
+    be.set_defaults(func=cmd_bench_engine)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except SplitServeError as e:
+        print(f"splitserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
