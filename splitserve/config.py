@@ -37,7 +37,9 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    attention_bias: bool = False  # bias on q/k/v (always for Qwen2; `attention_bias` for others)
+    o_proj_bias: bool = False  # Llama and Qwen3 put `attention_bias` on o_proj too; Qwen2 not
+    mlp_bias: bool = False  # Llama's `mlp_bias`: bias on gate, up and down
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head before RoPE
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # Llama-3 style, as sorted items
     bos_token_id: int | None = None
@@ -87,9 +89,16 @@ class ModelConfig:
                 f"unsupported architecture {archs or d.get('model_type')!r}; splitserve supports "
                 f"{sorted(SUPPORTED_ARCHITECTURES)}"
             )
-        if d.get("sliding_window") and d.get("use_sliding_window", arch == "mistral"):
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {d['hidden_act']!r} (supported: silu)")
+        window = _sliding_window(d, arch)
+        if window:
             # A sliding window only changes attention past its length; we cap the context there.
-            d = {**d, "max_position_embeddings": min(d["max_position_embeddings"], d["sliding_window"])}
+            d = {**d, "max_position_embeddings": min(d.get("max_position_embeddings", window), window)}
+        # What transformers' modules do, whatever the config says: Qwen2 always has q/k/v bias
+        # and never o_proj bias; Mistral has none; Llama and Qwen3 follow `attention_bias` on all
+        # four projections.
+        attention_bias = {"qwen2": True, "mistral": False}.get(arch, bool(d.get("attention_bias")))
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         rope = d.get("rope_scaling") or None
@@ -123,13 +132,32 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
+            attention_bias=attention_bias,
+            o_proj_bias=attention_bias and arch in ("llama", "qwen3"),
+            mlp_bias=arch == "llama" and bool(d.get("mlp_bias")),
             qk_norm=arch == "qwen3",
             rope_scaling=tuple(sorted(rope.items())) if rope else None,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name,
         )
+
+
+def _sliding_window(d: dict, arch: str) -> int | None:
+    """The window if any layer attends through one, as transformers 5 decides it: `layer_types`
+    when the config lists them; else Mistral always, Qwen2/3 only with `use_sliding_window` and
+    only from layer `max_window_layers` on."""
+    window = d.get("sliding_window")
+    if not window:
+        return None
+    types = d.get("layer_types")
+    if types:
+        return window if "sliding_attention" in types else None
+    if arch == "mistral":
+        return window
+    if d.get("use_sliding_window") and d.get("max_window_layers", 0) < d["num_hidden_layers"]:
+        return window
+    return None
 
 
 @dataclass(frozen=True)

