@@ -51,13 +51,28 @@ def reference_attention(q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> t
 
 
 def sdpa_attention(q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-    T, hq, d = q.shape
-    nkv = k.shape[1]
-    gqa = hq != nkv
-    parts = []
     B = meta.num_decode
+    parts = [_decode_attention(q[:B], meta, k_cache, v_cache)] if B else []
+    return _with_prefills(parts, q, k, v, meta, k_cache, v_cache)
+
+
+def fused_attention(q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    """Decodes by the C paged kernel (kernels/ops.c: reads K/V straight from the blocks, no
+    gather copy; bf16 CPU only), prefill chunks as in sdpa_attention."""
+    from splitserve.kernels import ops
+
+    B = meta.num_decode
+    parts = []
     if B:
-        parts.append(_decode_attention(q[:B], meta, k_cache, v_cache))
+        parts.append(ops.decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables,
+                                          meta.decode_context_lens, 1.0 / math.sqrt(q.shape[-1])))
+    return _with_prefills(parts, q, k, v, meta, k_cache, v_cache)
+
+
+def _with_prefills(parts, q, k, v, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+    """Append each prefill chunk's attention to `parts` (the decode rows) and concatenate."""
+    hq, d = q.shape[1:]
+    gqa = hq != k.shape[1]
     for p in meta.prefills:
         qq = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)
         if p.mask is None:
@@ -101,7 +116,7 @@ def _decode_attention(q, meta: AttentionMetadata, k_cache, v_cache) -> torch.Ten
     return out.reshape(B, hq * d).to(q.dtype)
 
 
-BACKENDS = {"reference": reference_attention, "sdpa": sdpa_attention}
+BACKENDS = {"reference": reference_attention, "sdpa": sdpa_attention, "fused": fused_attention}
 
 
 def get_backend(name: str):

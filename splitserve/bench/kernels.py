@@ -1,18 +1,22 @@
 """Decode GEMV bandwidth: a SmolLM2-135M-shaped stack of linears, every layer its own weights.
 
-    python -m splitserve.bench.kernels [--m 1,4,8,32] [--reps 10] [--layers 30]
+    python -m splitserve.bench.kernels [--m 1,4,8,32] [--threads 1,2] [--reps 10] [--layers 30]
 
 Each timed pass runs the 4 linears of every layer (qkv 768x576, o 576x576, gate_up 3072x576,
 down 576x1536) and the 49152x576 lm_head, so ~262 MB of bf16 weights come from DRAM, as in a
 real decode step; a benchmark that reuses one layer's weights measures L2/L3, not DRAM. The
 figure printed is weight bytes read / best time, next to the read bandwidth of a large fp32
-sum measured in the same run (the roofline). Timings are best of --reps: other processes may
-share the machine.
+sum measured in the same run (the roofline). Other processes may share the machine, so each
+figure is the best of --reps passes (at most --budget seconds each), with the median beside it:
+a median far above the best means the path stalls when a core is taken (the load average of
+the machine is printed with each table).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
@@ -26,17 +30,19 @@ LM_HEAD = (49152, 576)
 
 def read_bandwidth(reps: int, nbytes: int = 1 << 29) -> float:
     big = torch.ones(nbytes // 4)
-    best = min(_time(lambda: big.sum(), 1) for _ in range(reps))
+    best, _ = _time(big.sum, reps, budget=10.0)
     return nbytes / best / 1e9
 
 
-def _time(fn, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
+def _time(fn, reps: int, budget: float) -> tuple[float, float]:
+    """(best, median) seconds of up to `reps` calls, stopping early after `budget` seconds."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
 
 
 def build(layers: int, seed: int):
@@ -62,16 +68,21 @@ def build(layers: int, seed: int):
             pb = kernels.PackedBf16.pack(w)
             methods["kernel bf16"].append((pb, w.numel() * 2, w.shape[1]))
             pi = kernels.PackedInt8.pack(*kernels.quantize_int8(w))
-            methods["kernel int8"].append((pi, pi.n * pi.k + pi.n * 4, w.shape[1]))
+            nbytes = pi.weight.numel() + pi.scale.numel() * 4 + pi.wsum.numel() * 4
+            methods["kernel int8"].append((pi, nbytes, w.shape[1]))
     return methods
 
 
-def run(methods: dict, ms: list[int], reps: int, threads: int, bw: float) -> None:
+def run(methods: dict, ms: list[int], reps: int, budget: float, threads: int) -> None:
     torch.set_num_threads(threads)
+    bw = read_bandwidth(reps)
     bf16_bytes = sum(b for _, b, _ in methods["F.linear"])
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\n== {threads} thread(s); read roofline {bw:.1f} GB/s = "
-          f"{bf16_bytes / bw / 1e6:.1f} ms for the {bf16_bytes / 1e6:.0f} MB of bf16 weights ==")
-    print(f"{'M':>3}  {'method':<14} {'ms/stack':>9} {'GB/s':>6} {'roof':>5}  {'vs M=1':>6}")
+          f"{bf16_bytes / bw / 1e6:.1f} ms for the {bf16_bytes / 1e6:.0f} MB of bf16 weights; "
+          f"load average {load} ==")
+    print(f"{'M':>3}  {'method':<14} {'best ms':>9} {'median':>9} {'GB/s':>6} {'roof':>5}  "
+          f"{'vs M=1':>6}")
     at_m1: dict[str, float] = {}
     for m in ms:
         xs = {k: torch.randn(m, k).bfloat16() for k in (576, 1536)}
@@ -83,18 +94,21 @@ def run(methods: dict, ms: list[int], reps: int, threads: int, bw: float) -> Non
                     f(x)
 
             step()  # warm-up: first-touch of outputs, oneDNN primitive caches
-            t = _time(step, reps)
+            t, med = _time(step, reps, budget)
             if m == 1:
                 at_m1[name] = t
             gbs = sum(b for _, b, _ in ops) / t / 1e9
             rel = f"{t / at_m1[name]:5.2f}x" if name in at_m1 else ""
-            print(f"{m:>3}  {name:<14} {t * 1e3:9.2f} {gbs:6.1f} {gbs / bw:5.0%}  {rel:>6}")
+            print(f"{m:>3}  {name:<14} {t * 1e3:9.2f} {med * 1e3:9.2f} {gbs:6.1f} {gbs / bw:5.0%}  "
+                  f"{rel:>6}", flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,4,8,32", help="rows of x (tokens) to time, comma separated")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds per figure, at most")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", default=None, help="thread counts, default 1 and all")
     ap.add_argument("--seed", type=int, default=0)
@@ -108,8 +122,7 @@ def main() -> None:
         print(f"kernels: {kernels.simd()} (True = AVX-512 path)")
     methods = build(args.layers, args.seed)
     for t in threads:
-        torch.set_num_threads(t)
-        run(methods, ms, args.reps, t, read_bandwidth(args.reps))
+        run(methods, ms, args.reps, args.budget, t)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ class LLMEngine:
         self.linear_mode = pick_linear_mode(config.fast_linear, config.quantization, self.dtype, self.device)
         for lin in self.model.linears():
             lin.prepare(self.linear_mode)
+        # The same switch turns on the fused C decode-step ops (bf16 CPU; a no-op elsewhere).
+        self.fused_ops = self.model.enable_fused_ops(config.fast_linear)
 
         cc = config.cache
         per_block = kv_bytes_per_block(mc, cc.block_size, self.dtype)

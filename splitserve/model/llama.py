@@ -85,16 +85,60 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(mc.head_dim, max_positions, mc.rope_theta, mc.rope_scaling_dict)
         self.attn_fn = get_backend(attention_backend)
 
+        self.fused = False  # the C decode-step ops (kernels/ops.c); see enable_fused_ops
+
     def set_attention_backend(self, name: str) -> None:
         self.attn_fn = get_backend(name)
 
+    def enable_fused_ops(self, enable: bool = True) -> bool:
+        """Run each layer through the fused C ops (add+RMSNorm, RoPE+KV write, SiLU*up, paged
+        decode attention) instead of ~50 small PyTorch ops: on CPU in bf16, for models without
+        q/k norms, when the ops compile. Returns whether they are on."""
+        from splitserve.kernels import ops
+
+        w = self.embed_tokens.weight
+        self.fused = bool(enable and w.device.type == "cpu" and w.dtype == torch.bfloat16
+                          and not self.config.qk_norm and ops.available())
+        self.set_attention_backend("fused" if self.fused else "sdpa")
+        return self.fused
+
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        if self.fused:
+            return self._forward_fused(input_ids, positions, meta, cache)
         h = self.embed_tokens(input_ids)
         rope_cs = self.rope.tables(positions, h.dtype)
         for layer in self.layers:
             h = layer(h, rope_cs, meta, cache, self.attn_fn)
         return self.norm(h)
+
+    def _forward_fused(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache):
+        """The same arithmetic as forward(), in bf16, with the residual stream h updated in
+        place: each norm call first adds the previous sub-layer's output (delta) to h."""
+        from splitserve.kernels import ops
+
+        mc = self.config
+        nh, nkv, hd = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        eps = mc.rms_norm_eps
+        h = self.embed_tokens(input_ids)
+        T = h.shape[0]
+        x = torch.empty_like(h)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            ops.add_rmsnorm(h, delta, layer.input_layernorm.weight, x, eps)
+            qkv = attn.qkv_proj(x)
+            k_cache, v_cache = cache.layer(i)
+            ops.rope_write_kv(qkv, positions, self.rope.cos, self.rope.sin, k_cache, v_cache,
+                              meta.slot_mapping, nh, nkv, hd)
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            o = self.attn_fn(q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd), meta,
+                             k_cache, v_cache)
+            delta = attn.o_proj(o)
+            ops.add_rmsnorm(h, delta, layer.post_attention_layernorm.weight, x, eps)
+            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(x)))
+        ops.add_rmsnorm(h, delta, self.norm.weight, x, eps)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
