@@ -28,6 +28,7 @@ needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"CPU kernels cannot be built: {kernels.unavailable_reason()}"
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Results do not depend on the thread count (test_threads_split_rows_only checks that),
@@ -191,6 +192,18 @@ def test_scalar_fallback_matches():
         for xx in (x, x.float()):
             assert torch.equal(kernels.PackedInt8.pack(q, scale, b, lib=scalar)(xx),
                                kernels.PackedInt8.pack(q, scale, b)(xx))
+
+
+def test_hugepage_tensors_are_independent_and_aligned():
+    from splitserve.kernels import hugepages
+
+    ts = [hugepages.empty((n, 3), torch.bfloat16) for n in (1, 100, 5000)]
+    ts.append(hugepages.empty((3 << 20,), torch.int8))  # its own mapping
+    for i, t in enumerate(ts):
+        assert t.data_ptr() % 64 == 0 and t.is_contiguous()
+        t.fill_(i)
+    assert all((t == i).all() for i, t in enumerate(ts))  # no overlaps
+    assert hugepages.empty((0, 7), torch.float32).shape == (0, 7)
 
 
 def test_missing_compiler_is_reported_not_raised(tmp_path):

@@ -6,7 +6,8 @@ C++ headers, no ninja, a compile of about a second. If anything goes wrong (no g
 error, a read-only cache, SPLITSERVE_KERNELS=0) `available()` is False, `unavailable_reason()`
 says why, and callers keep their PyTorch path: a missing compiler never crashes the engine.
 
-Weights are repacked once into blocks of 16 output rows (see gemv.c for why and how):
+Weights are repacked once into blocks of 16 output rows (see gemv.c for why and how), in
+transparent huge pages (hugepages.py):
 
     bf16  [N, K] -> [ceil(N/16), ceil(K/2), 16, 2]
     int8  [N, K] -> [ceil(N/16), ceil(K/4), 16, 4]
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from splitserve.kernels import hugepages
 
 SOURCE = Path(__file__).with_name("gemv.c")
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: the kernels
@@ -147,11 +150,12 @@ def _require() -> ctypes.CDLL:
 
 
 def _blocked(w: torch.Tensor, group: int) -> torch.Tensor:
-    """[N, K] -> [ceil(N/16), ceil(K/group), 16, group], zero padded."""
+    """[N, K] -> [ceil(N/16), ceil(K/group), 16, group], zero padded, in huge pages."""
     n, k = w.shape
     nb, kg = -(-n // BLOCK), -(-k // group)
     w = F.pad(w, (0, kg * group - k, 0, nb * BLOCK - n))
-    return w.view(nb, BLOCK, kg, group).permute(0, 2, 1, 3).contiguous()
+    out = hugepages.empty((nb, kg, BLOCK, group), w.dtype)
+    return out.copy_(w.view(nb, BLOCK, kg, group).permute(0, 2, 1, 3))
 
 
 def _unblocked(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -191,9 +195,9 @@ class PackedBf16:
     @classmethod
     def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
              lib: ctypes.CDLL | None = None) -> PackedBf16:
-        if weight.dim() != 2 or weight.dtype != torch.bfloat16:
-            raise TypeError(f"PackedBf16 needs a 2-D bf16 weight, got {weight.dtype} "
-                            f"{tuple(weight.shape)}")
+        if weight.dim() != 2 or weight.dtype != torch.bfloat16 or not weight.is_cpu:
+            raise TypeError(f"PackedBf16 needs a 2-D bf16 CPU weight, got {weight.dtype} "
+                            f"{tuple(weight.shape)} on {weight.device}")
         b = None if bias is None else bias.detach().float().contiguous()
         return cls(_blocked(weight.detach(), 2), b, *weight.shape, lib=lib)
 
@@ -242,10 +246,10 @@ class PackedInt8:
     @classmethod
     def pack(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
              lib: ctypes.CDLL | None = None) -> PackedInt8:
-        if q.dim() != 2 or q.dtype != torch.int8 or scale.shape != (q.shape[0],):
+        if q.dim() != 2 or q.dtype != torch.int8 or scale.shape != (q.shape[0],) or not q.is_cpu:
             raise TypeError(
-                f"PackedInt8 needs an int8 [N, K] weight and [N] scales, got {q.dtype} "
-                f"{tuple(q.shape)} and {tuple(scale.shape)}"
+                f"PackedInt8 needs an int8 [N, K] CPU weight and [N] scales, got {q.dtype} "
+                f"{tuple(q.shape)} on {q.device} and {tuple(scale.shape)}"
             )
         b = None if bias is None else bias.detach().float().contiguous()
         wsum = q.sum(dim=1, dtype=torch.int32).contiguous()

@@ -4,19 +4,23 @@
  * Decode is memory-bound: every step streams all weights once, so the layout is chosen for
  * the DRAM stream, not for the arithmetic. On Zen 4 a single ascending stream reaches the
  * read roofline, while even two interleaved row streams (rows n and n+1 side by side) fall
- * to a third of it. So W is repacked once into blocks of 16 output rows, each block one
- * contiguous run in memory, and x is broadcast instead of W being reduced horizontally:
+ * to a third of it. Row-major W read one row at a time is one stream too, but each line then
+ * needs a full x vector and each row a horizontal sum: ~10% slower. So W is repacked once
+ * into blocks of 16 output rows, each block one contiguous run in memory, and x is broadcast
+ * instead of W being reduced horizontally:
  *
  *   bf16: W16[N/16][ceil(K/2)][16][2]   one 64-byte line = 16 rows x one k pair
  *   int8: W16[N/16][ceil(K/4)][16][4]   one 64-byte line = 16 rows x one k quad
  *
- * (rows past N and k past K are zero). One line times a broadcast x pair (vdpbf16ps) or quad
- * (vpdpbusd) adds one k step to all 16 outputs of the block, so the accumulator lanes are the
- * outputs: no horizontal sums. Each weight line is loaded once and used for up to 8 rows of
- * x (an M tile); larger M loops over tiles while the 16-row block is still in L1/L2.
+ * (rows past N and k past K are zero; cpu.py puts them in 2 MiB pages, see hugepages.py).
+ * One line times a broadcast x pair (vdpbf16ps) or quad (vpdpbusd) adds one k step to all 16
+ * outputs of the block, so the accumulator lanes are the outputs: no horizontal sums. Each
+ * weight line is loaded once and used for up to 8 rows of x (an M tile); larger M (prefill)
+ * runs every tile over an L2-sized chunk of blocks before the next chunk is read, which keeps
+ * it compute-bound (~1 vdpbf16ps per cycle).
  *
- * int8 (weight-only, one scale per output row): x is not quantised for accuracy's sake but
- * split exactly enough to use the integer dot product. Per row of x, with a power-of-two
+ * int8 (weight-only, one scale per output row): to use the integer dot product, x is split
+ * into 16-bit integers (not quantised to 8 bits). Per row of x, with a power-of-two
  * step s = 2^(e-15) where max|x| < 2^e, xi = rint(x / s) is a 16-bit integer (exact for every
  * bf16 element within 2^7 of the row's largest; smaller ones keep an absolute error below
  * s/2, i.e. 2^-16 of the row's range). xi = 256 h + l with h in [-128, 127], l in [0, 255]:
@@ -101,7 +105,7 @@ static inline int32_t load_i32(const void *p) {
  * The team is torch's own OpenMP pool (see cpu.py). A work-claiming pthread pool that never
  * waits for a descheduled worker was tried: it shrugs off a busy core in a C benchmark, but
  * in the engine its threads compete with torch's spinning OpenMP workers and a decode step
- * got 25-35% slower than with the shared team. */
+ * got 25-40% slower than with the shared team. */
 #define MIN_MACS_PER_THREAD (1 << 17)
 typedef void (*range_fn)(const void *ctx, int64_t b0, int64_t b1);
 
@@ -194,49 +198,49 @@ bf16_tile(const bf16_args *a, const uint16_t *wb, const uint16_t *x, uint16_t *y
 }
 #endif
 
+/* Packed block b times rows [m0, m0 + 8) of x (fewer at the end). */
+static void bf16_block(const bf16_args *a, int64_t b, int64_t m0) {
+    const int64_t K = a->K, nk = (K + 1) / 2, n0 = b * BLK;
+    const uint16_t *wb = a->w + b * nk * BLK * 2, *x = a->x + m0 * K;
+    uint16_t *y = a->y + m0 * a->N;
+    const int64_t mt = a->M - m0 < MT ? a->M - m0 : MT;
+#ifdef SS_BF16_SIMD
+    const int pf = mt >= PF_MIN_ROWS ? PF_DIST : 0;
+    switch (mt) {
+    case 1: bf16_tile(a, wb, x, y, n0, 1, pf); break;
+    case 2: bf16_tile(a, wb, x, y, n0, 2, pf); break;
+    case 3: bf16_tile(a, wb, x, y, n0, 3, pf); break;
+    case 4: bf16_tile(a, wb, x, y, n0, 4, pf); break;
+    case 5: bf16_tile(a, wb, x, y, n0, 5, pf); break;
+    case 6: bf16_tile(a, wb, x, y, n0, 6, pf); break;
+    case 7: bf16_tile(a, wb, x, y, n0, 7, pf); break;
+    default: bf16_tile(a, wb, x, y, n0, 8, pf); break;
+    }
+#else
+    float acc[MT][BLK];
+    memset(acc, 0, sizeof acc);
+    for (int64_t p = 0; p < nk; p++) {
+        const uint16_t *wl = wb + p * BLK * 2;
+        for (int64_t m = 0; m < mt; m++) {
+            float x0 = bf16_to_f32(x[m * K + 2 * p]);
+            float x1 = 2 * p + 1 < K ? bf16_to_f32(x[m * K + 2 * p + 1]) : 0.0f;
+            for (int r = 0; r < BLK; r++)
+                acc[m][r] += x0 * bf16_to_f32(wl[2 * r]) + x1 * bf16_to_f32(wl[2 * r + 1]);
+        }
+    }
+    for (int64_t m = 0; m < mt; m++)
+        for (int64_t r = 0; r < BLK && n0 + r < a->N; r++)
+            y[m * a->N + n0 + r] = f32_to_bf16(acc[m][r] + (a->bias ? a->bias[n0 + r] : 0.0f));
+#endif
+}
+
 static void bf16_range(const void *ctx, int64_t b0, int64_t b1) {
     const bf16_args *a = (const bf16_args *)ctx;
-    const int64_t K = a->K, nk = (K + 1) / 2;
-    const int64_t cb = chunk_blocks(nk * BLK * 2 * 2, a->M);
-    for (int64_t c0 = b0; c0 < b1; c0 += cb)
-    for (int64_t m0 = 0; m0 < a->M; m0 += MT)
-    for (int64_t b = c0; b < b1 && b < c0 + cb; b++) {
-        const uint16_t *wb = a->w + b * nk * BLK * 2;
-        const int64_t n0 = b * BLK;
-        {
-            const int pf = a->M - m0 >= PF_MIN_ROWS ? PF_DIST : 0;
-            const uint16_t *x = a->x + m0 * K;
-            uint16_t *y = a->y + m0 * a->N;
-            const int64_t mt = a->M - m0 < MT ? a->M - m0 : MT;
-#ifdef SS_BF16_SIMD
-            switch (mt) {
-            case 1: bf16_tile(a, wb, x, y, n0, 1, pf); break;
-            case 2: bf16_tile(a, wb, x, y, n0, 2, pf); break;
-            case 3: bf16_tile(a, wb, x, y, n0, 3, pf); break;
-            case 4: bf16_tile(a, wb, x, y, n0, 4, pf); break;
-            case 5: bf16_tile(a, wb, x, y, n0, 5, pf); break;
-            case 6: bf16_tile(a, wb, x, y, n0, 6, pf); break;
-            case 7: bf16_tile(a, wb, x, y, n0, 7, pf); break;
-            default: bf16_tile(a, wb, x, y, n0, 8, pf); break;
-            }
-#else
-            float acc[MT][BLK];
-            memset(acc, 0, sizeof acc);
-            for (int64_t p = 0; p < nk; p++) {
-                const uint16_t *wl = wb + p * BLK * 2;
-                for (int64_t m = 0; m < mt; m++) {
-                    float x0 = bf16_to_f32(x[m * K + 2 * p]);
-                    float x1 = 2 * p + 1 < K ? bf16_to_f32(x[m * K + 2 * p + 1]) : 0.0f;
-                    for (int r = 0; r < BLK; r++)
-                        acc[m][r] += x0 * bf16_to_f32(wl[2 * r]) + x1 * bf16_to_f32(wl[2 * r + 1]);
-                }
-            }
-            for (int64_t m = 0; m < mt; m++)
-                for (int64_t r = 0; r < BLK && n0 + r < a->N; r++)
-                    y[m * a->N + n0 + r] =
-                        f32_to_bf16(acc[m][r] + (a->bias ? a->bias[n0 + r] : 0.0f));
-#endif
-        }
+    const int64_t cb = chunk_blocks((a->K + 1) / 2 * BLK * 2 * 2, a->M);
+    for (int64_t c0 = b0; c0 < b1; c0 += cb) {
+        const int64_t c1 = b1 - c0 > cb ? c0 + cb : b1;
+        for (int64_t m0 = 0; m0 < a->M; m0 += MT)
+            for (int64_t b = c0; b < c1; b++) bf16_block(a, b, m0);
     }
 }
 
@@ -334,50 +338,51 @@ i8_tile(const i8_args *a, const int8_t *wb, int64_t m0, int64_t n0, const int mt
 }
 #endif
 
+/* Packed block b times rows [m0, m0 + 8) of x (fewer at the end). */
+static void i8_block(const i8_args *a, int64_t b, int64_t m0) {
+    const int64_t kq = (a->K + 3) / 4, n0 = b * BLK;
+    const int8_t *wb = a->w + b * kq * BLK * 4;
+    const int64_t mt = a->M - m0 < MT ? a->M - m0 : MT;
+#ifdef SS_I8_SIMD
+    const int pf = mt >= PF_MIN_ROWS ? PF_DIST : 0;
+    switch (mt) {
+    case 1: i8_tile(a, wb, m0, n0, 1, pf); break;
+    case 2: i8_tile(a, wb, m0, n0, 2, pf); break;
+    case 3: i8_tile(a, wb, m0, n0, 3, pf); break;
+    case 4: i8_tile(a, wb, m0, n0, 4, pf); break;
+    case 5: i8_tile(a, wb, m0, n0, 5, pf); break;
+    case 6: i8_tile(a, wb, m0, n0, 6, pf); break;
+    case 7: i8_tile(a, wb, m0, n0, 7, pf); break;
+    default: i8_tile(a, wb, m0, n0, 8, pf); break;
+    }
+#else
+    const int64_t ld = kq * 4;
+    for (int64_t m = m0; m < m0 + mt; m++) {
+        const uint8_t *xh = a->xh + m * ld, *xl = a->xl + m * ld;
+        for (int64_t r = 0; r < BLK && n0 + r < a->N; r++) {
+            int32_t sh = 0, sl = 0;
+            for (int64_t q = 0; q < kq; q++)
+                for (int j = 0; j < 4; j++) {
+                    int32_t wv = wb[q * 64 + r * 4 + j];
+                    sh += xh[4 * q + j] * wv;
+                    sl += xl[4 * q + j] * wv;
+                }
+            int64_t v = (int64_t)(sh - 128 * a->wsum[n0 + r]) * 256 + sl;
+            /* fmaf: one rounding, as the SIMD path's fmadd (bit-identical results) */
+            float f = fmaf((float)v, a->scale[n0 + r] * a->xs[m], a->bias ? a->bias[n0 + r] : 0.0f);
+            store_row(a, m, n0 + r, f);
+        }
+    }
+#endif
+}
+
 static void i8_range(const void *ctx, int64_t b0, int64_t b1) {
     const i8_args *a = (const i8_args *)ctx;
-    const int64_t kq = (a->K + 3) / 4;
-    const int64_t cb = chunk_blocks(kq * BLK * 4, a->M);
-    for (int64_t c0 = b0; c0 < b1; c0 += cb)
-    for (int64_t m0 = 0; m0 < a->M; m0 += MT)
-    for (int64_t b = c0; b < b1 && b < c0 + cb; b++) {
-        const int8_t *wb = a->w + b * kq * BLK * 4;
-        const int64_t n0 = b * BLK;
-        {
-            const int pf = a->M - m0 >= PF_MIN_ROWS ? PF_DIST : 0;
-            const int64_t mt = a->M - m0 < MT ? a->M - m0 : MT;
-#ifdef SS_I8_SIMD
-            switch (mt) {
-            case 1: i8_tile(a, wb, m0, n0, 1, pf); break;
-            case 2: i8_tile(a, wb, m0, n0, 2, pf); break;
-            case 3: i8_tile(a, wb, m0, n0, 3, pf); break;
-            case 4: i8_tile(a, wb, m0, n0, 4, pf); break;
-            case 5: i8_tile(a, wb, m0, n0, 5, pf); break;
-            case 6: i8_tile(a, wb, m0, n0, 6, pf); break;
-            case 7: i8_tile(a, wb, m0, n0, 7, pf); break;
-            default: i8_tile(a, wb, m0, n0, 8, pf); break;
-            }
-#else
-            const int64_t ld = kq * 4;
-            for (int64_t m = m0; m < m0 + mt; m++) {
-                const uint8_t *xh = a->xh + m * ld, *xl = a->xl + m * ld;
-                for (int64_t r = 0; r < BLK && n0 + r < a->N; r++) {
-                    int32_t sh = 0, sl = 0;
-                    for (int64_t q = 0; q < kq; q++)
-                        for (int j = 0; j < 4; j++) {
-                            int32_t wv = wb[q * 64 + r * 4 + j];
-                            sh += xh[4 * q + j] * wv;
-                            sl += xl[4 * q + j] * wv;
-                        }
-                    int64_t v = (int64_t)(sh - 128 * a->wsum[n0 + r]) * 256 + sl;
-                    /* fmaf: one rounding, as the SIMD path's fmadd (bit-identical results) */
-                    float f = fmaf((float)v, a->scale[n0 + r] * a->xs[m],
-                                   a->bias ? a->bias[n0 + r] : 0.0f);
-                    store_row(a, m, n0 + r, f);
-                }
-            }
-#endif
-        }
+    const int64_t cb = chunk_blocks((a->K + 3) / 4 * BLK * 4, a->M);
+    for (int64_t c0 = b0; c0 < b1; c0 += cb) {
+        const int64_t c1 = b1 - c0 > cb ? c0 + cb : b1;
+        for (int64_t m0 = 0; m0 < a->M; m0 += MT)
+            for (int64_t b = c0; b < c1; b++) i8_block(a, b, m0);
     }
 }
 

@@ -80,7 +80,7 @@ def kernel_max_m() -> int | None:
 
     Measured with `python -m splitserve.bench.kernels` on Zen 4 (AVX512-BF16, no AMX), one
     thread, a 30-layer SmolLM2-135M stack: the kernel is ahead of oneDNN's prepacked linear at
-    every M from 1 (25 vs 13 GB/s) to 512 (compute-bound there, both ~1 vdpbf16ps per cycle),
+    every M from 1 (29 vs 14 GB/s) to 512 (compute-bound there, both ~1 vdpbf16ps per cycle),
     so no oneDNN copy is kept and the kernel serves prefill too. With AMX, oneDNN's tile
     kernels should win prefill by a wide margin (not measured here): keep oneDNN above 16.
     """
