@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,32 @@ SOURCE = Path(__file__).with_name("gemv.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BLOCK = 16  # output rows per packed block; must match BLK in gemv.c
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-_tried = False
+
+class LazyLibrary:
+    """A shared library built and loaded on first use, once per process, never raising: `get()`
+    is the library or None, `error` says why not (no gcc, a compile error, a read-only cache,
+    SPLITSERVE_KERNELS=0). Callers keep their PyTorch path for None."""
+
+    def __init__(self, load: Callable[[], ctypes.CDLL]):
+        self._load = load
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+        self._tried = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self._lib
+        with self._lock:
+            if not self._tried:
+                try:
+                    if os.environ.get("SPLITSERVE_KERNELS", "1") == "0":
+                        raise RuntimeError("disabled by SPLITSERVE_KERNELS=0")
+                    self._lib = self._load()
+                except Exception as e:  # noqa: BLE001 - any failure means "use the PyTorch path"
+                    self.error = f"{type(e).__name__}: {e}"
+                self._tried = True
+        return self._lib
 
 
 def cache_dir() -> Path:
@@ -108,21 +131,8 @@ def load_library(cflags: tuple[str, ...] = CFLAGS) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _error, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        try:
-            if os.environ.get("SPLITSERVE_KERNELS", "1") == "0":
-                raise RuntimeError("disabled by SPLITSERVE_KERNELS=0")
-            _lib = load_library()
-        except Exception as e:  # noqa: BLE001 - any failure means "use the PyTorch path"
-            _error = f"{type(e).__name__}: {e}"
-        _tried = True
-    return _lib
+_GEMV = LazyLibrary(load_library)
+_load = _GEMV.get
 
 
 def available() -> bool:
@@ -132,7 +142,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     _load()
-    return _error
+    return _GEMV.error
 
 
 def simd(lib: ctypes.CDLL | None = None) -> dict[str, bool]:
@@ -145,7 +155,7 @@ def simd(lib: ctypes.CDLL | None = None) -> dict[str, bool]:
 def _require() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable ({_error}); check kernels.available() first")
+        raise RuntimeError(f"CPU kernels unavailable ({_GEMV.error}); check kernels.available() first")
     return lib
 
 

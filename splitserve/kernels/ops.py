@@ -4,54 +4,41 @@ attention), built and loaded like gemv.c. `available()` False means: use the PyT
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from pathlib import Path
 
 import torch
 
-from splitserve.kernels.cpu import CFLAGS, build_shared
+from splitserve.kernels.cpu import CFLAGS, LazyLibrary, build_shared
 
 SOURCE = Path(__file__).with_name("ops.c")
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-_tried = False
+
+def _load_ops() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_shared(SOURCE, CFLAGS)))
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.ss_add_rmsnorm.argtypes = [p, p, p, p, i64, i64, f32]
+    lib.ss_rope_write_kv.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64]
+    lib.ss_silu_mul.argtypes = [p, p, i64, i64]
+    lib.ss_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64,
+                                        i64, f32, i32]
+    for f in ("ss_add_rmsnorm", "ss_rope_write_kv", "ss_silu_mul", "ss_decode_attention"):
+        getattr(lib, f).restype = None
+    return lib
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _error, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            try:
-                if os.environ.get("SPLITSERVE_KERNELS", "1") == "0":
-                    raise RuntimeError("disabled by SPLITSERVE_KERNELS=0")
-                lib = ctypes.CDLL(str(build_shared(SOURCE, CFLAGS)))
-                p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-                lib.ss_add_rmsnorm.argtypes = [p, p, p, p, i64, i64, f32]
-                lib.ss_rope_write_kv.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64]
-                lib.ss_silu_mul.argtypes = [p, p, i64, i64]
-                lib.ss_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64,
-                                                    i64, f32, i32]
-                for f in ("ss_add_rmsnorm", "ss_rope_write_kv", "ss_silu_mul", "ss_decode_attention"):
-                    getattr(lib, f).restype = None
-                _lib = lib
-            except Exception as e:  # noqa: BLE001 - any failure means "use the PyTorch twins"
-                _error = f"{type(e).__name__}: {e}"
-            _tried = True
-    return _lib
+_OPS = LazyLibrary(_load_ops)
+_lib: ctypes.CDLL | None = None  # set by available(); the op wrappers call it directly
 
 
 def available() -> bool:
-    return _load() is not None
+    global _lib
+    _lib = _OPS.get()
+    return _lib is not None
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _error
+    available()
+    return _OPS.error
 
 
 def _check(*ts: torch.Tensor) -> None:
