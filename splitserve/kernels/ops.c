@@ -102,22 +102,44 @@ void ss_rope_write_kv(uint16_t *qkv, const int64_t *pos, const float *cos_t, con
     }
 }
 
-void ss_silu_mul(const uint16_t *gu, uint16_t *out, int64_t T, int64_t I) {
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *g = gu + t * 2 * I, *u = g + I;
-        uint16_t *o = out + t * I;
-        for (int64_t i = 0; i < I; i++) {
-            float x = bf(g[i]);
-            float sx = bf(tobf(x / (1.0f + expf(-x))));
-            o[i] = tobf(sx * bf(u[i]));
-        }
-    }
-}
 
 #ifdef SS_OPS_SIMD
 static inline __m512 ld16(const uint16_t *p) { /* 16 bf16 -> 16 fp32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* e^x for 16 floats: 2^(x log2 e) = 2^n * 2^f, n = round, |f| <= 1/2, 2^f by its degree-6
+ * Taylor polynomial (relative error < 2e-7), 2^n by scalef (saturates to 0 / inf, NaN stays). */
+static inline __m512 exp16(__m512 x) {
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 vectors -> one vector of their 16 horizontal sums (lane t = sum of v[t]): a transpose-add
+ * tree, ~30 shuffles and adds instead of 16 full horizontal reductions. */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 w[8], x[4];
+    for (int k = 0; k < 8; k++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++) { /* per 128-bit lane: [a, b, c, d] lane sums */
+        __m512d a = _mm512_castps_pd(w[2 * k]), b = _mm512_castps_pd(w[2 * k + 1]);
+        x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
 }
 
 /* One (sequence, kv head): rep query heads x L keys, D = 16 * NV (NV <= 8), rep <= 8.
@@ -128,7 +150,34 @@ static void attn_group_simd(const float *qf, const uint16_t *k_cache, const uint
     const int NV = (int)(D / 16);
     float mx[8], sum[8];
     for (int r = 0; r < rep; r++) mx[r] = -INFINITY;
-    for (int64_t t = 0; t < L; t++) {
+    int64_t t = 0;
+    float kf[16 * 128];
+    for (; t + 16 <= L; t += 16) { /* 16 keys at a time: scores land as one vector per head */
+        for (int u = 0; u < 16; u++) {
+            const uint16_t *k = k_cache + ((bt[(t + u) / bs] * bs + (t + u) % bs) * hkv + g) * D;
+            /* K/V rows of one head are 2*hkv*D bytes apart and usually in DRAM (the weights
+             * stream evicts them): ask for the next 16 keys' lines now */
+            if (t + 16 + u < L) {
+                const char *nk = (const char *)(k_cache + ((bt[(t + 16 + u) / bs] * bs + (t + 16 + u) % bs) * hkv + g) * D);
+                for (int64_t c = 0; c < 2 * D; c += 64) _mm_prefetch(nk + c, _MM_HINT_T0);
+            }
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(kf + u * D + 16 * j, ld16(k + 16 * j));
+        }
+        for (int r = 0; r < rep; r++) {
+            __m512 a[16];
+            for (int u = 0; u < 16; u++) {
+                a[u] = _mm512_mul_ps(_mm512_loadu_ps(kf + u * D), _mm512_loadu_ps(qf + r * D));
+                for (int j = 1; j < NV; j++)
+                    a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(kf + u * D + 16 * j),
+                                           _mm512_loadu_ps(qf + r * D + 16 * j), a[u]);
+            }
+            __m512 sv = hsum16(a);
+            _mm512_storeu_ps(scores + r * sstride + t, sv);
+            float m = _mm512_reduce_max_ps(sv);
+            mx[r] = m > mx[r] ? m : mx[r];
+        }
+    }
+    for (; t < L; t++) {
         const uint16_t *k = k_cache + ((bt[t / bs] * bs + t % bs) * hkv + g) * D;
         __m512 kv[8];
         for (int j = 0; j < NV; j++) kv[j] = ld16(k + 16 * j);
@@ -141,10 +190,18 @@ static void attn_group_simd(const float *qf, const uint16_t *k_cache, const uint
         }
     }
     for (int r = 0; r < rep; r++) {
-        float z = 0.f;
-        for (int64_t t = 0; t < L; t++) {
-            float e = expf(scores[r * sstride + t] - mx[r]);
-            scores[r * sstride + t] = e;
+        float *sc = scores + r * sstride;
+        __m512 m = _mm512_set1_ps(mx[r]), zv = _mm512_setzero_ps();
+        int64_t u = 0;
+        for (; u + 16 <= L; u += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + u), m));
+            _mm512_storeu_ps(sc + u, e);
+            zv = _mm512_add_ps(zv, e);
+        }
+        float z = _mm512_reduce_add_ps(zv);
+        for (; u < L; u++) {
+            float e = expf(sc[u] - mx[r]);
+            sc[u] = e;
             z += e;
         }
         sum[r] = z;
@@ -154,6 +211,10 @@ static void attn_group_simd(const float *qf, const uint16_t *k_cache, const uint
         for (int j = 0; j < NV; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t++) {
         const uint16_t *v = v_cache + ((bt[t / bs] * bs + t % bs) * hkv + g) * D;
+        if (t + 8 < L) {
+            const char *nv = (const char *)(v_cache + ((bt[(t + 8) / bs] * bs + (t + 8) % bs) * hkv + g) * D);
+            for (int64_t c = 0; c < 2 * D; c += 64) _mm_prefetch(nv + c, _MM_HINT_T0);
+        }
         __m512 vv[8];
         for (int j = 0; j < NV; j++) vv[j] = ld16(v + 16 * j);
         for (int r = 0; r < rep; r++) {
@@ -180,7 +241,7 @@ void ss_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_
     for (int64_t b = 0; b < B; b++) max_len = lens[b] > max_len ? lens[b] : max_len;
     if (nthreads < 1) nthreads = 1;
     if (B * hkv < nthreads) nthreads = (int)(B * hkv);
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         float *scores = malloc(sizeof(float) * (size_t)(rep * max_len + 1));
         float *acc = malloc(sizeof(float) * (size_t)(rep * D));
@@ -242,5 +303,26 @@ void ss_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_
         free(scores);
         free(acc);
         free(qf);
+    }
+}
+
+void ss_silu_mul(const uint16_t *gu, uint16_t *out, int64_t T, int64_t I) {
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *g = gu + t * 2 * I, *u = g + I;
+        uint16_t *o = out + t * I;
+        int64_t i = 0;
+#if defined(SS_OPS_SIMD) && defined(__AVX512BF16__)
+        for (; i + 16 <= I; i += 16) { /* same roundings as the scalar loop below */
+            __m512 x = ld16(g + i), one = _mm512_set1_ps(1.0f);
+            __m512 sx = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            __m512 prod = _mm512_mul_ps(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(sx)), ld16(u + i));
+            _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(prod));
+        }
+#endif
+        for (; i < I; i++) {
+            float x = bf(g[i]);
+            float sx = bf(tobf(x / (1.0f + expf(-x))));
+            o[i] = tobf(sx * bf(u[i]));
+        }
     }
 }
