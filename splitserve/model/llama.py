@@ -100,6 +100,7 @@ class LlamaModel(nn.Module):
         self.fused = bool(enable and w.device.type == "cpu" and w.dtype == torch.bfloat16
                           and not self.config.qk_norm and ops.available())
         self.set_attention_backend("fused" if self.fused else "sdpa")
+        self.__dict__.pop("_plan", None)  # rebuilt from the current weights on the next step
         return self.fused
 
     @torch.inference_mode()
@@ -120,25 +121,36 @@ class LlamaModel(nn.Module):
         mc = self.config
         nh, nkv, hd = mc.num_heads, mc.num_kv_heads, mc.head_dim
         eps = mc.rms_norm_eps
+        attn_fn, cos, sin, slots = self.attn_fn, self.rope.cos, self.rope.sin, meta.slot_mapping
         h = self.embed_tokens(input_ids)
         T = h.shape[0]
         x = torch.empty_like(h)
         delta = None
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            ops.add_rmsnorm(h, delta, layer.input_layernorm.weight, x, eps)
-            qkv = attn.qkv_proj(x)
+        # Linear.forward is called directly: nn.Module's __call__ and attribute lookups cost
+        # ~2 us each, ~0.3 ms of a ~13 ms batch-1 step
+        for i, (ln1, qkv_proj, o_proj, ln2, gate_up, down) in enumerate(self._fused_plan()):
+            ops.add_rmsnorm(h, delta, ln1, x, eps)
+            qkv = qkv_proj(x)
             k_cache, v_cache = cache.layer(i)
-            ops.rope_write_kv(qkv, positions, self.rope.cos, self.rope.sin, k_cache, v_cache,
-                              meta.slot_mapping, nh, nkv, hd)
+            ops.rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv, hd)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            o = self.attn_fn(q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd), meta,
-                             k_cache, v_cache)
-            delta = attn.o_proj(o)
-            ops.add_rmsnorm(h, delta, layer.post_attention_layernorm.weight, x, eps)
-            delta = layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(x)))
+            o = attn_fn(q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd), meta,
+                        k_cache, v_cache)
+            delta = o_proj(o)
+            ops.add_rmsnorm(h, delta, ln2, x, eps)
+            delta = down(ops.silu_mul(gate_up(x)))
         ops.add_rmsnorm(h, delta, self.norm.weight, x, eps)
         return x
+
+    def _fused_plan(self):
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = [(layer.input_layernorm.weight.data, layer.self_attn.qkv_proj.forward,
+                     layer.self_attn.o_proj.forward, layer.post_attention_layernorm.weight.data,
+                     layer.mlp.gate_up_proj.forward, layer.mlp.down_proj.forward)
+                    for layer in self.layers]
+            self.__dict__["_plan"] = plan
+        return plan
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
