@@ -45,28 +45,31 @@ def test_corrupt_safetensors(tmp_path, make_tiny):
         LLM(str(tmp_path))
 
 
-def test_missing_tensor(tmp_path, make_tiny):
+def _tiny_with_edited_weights(tmp_path, make_tiny, edit) -> str:
+    """A tiny llama checkpoint whose safetensors went through edit(dict of tensors)."""
     from safetensors.torch import load_file, save_file
 
     make_tiny(str(tmp_path), "llama")
     f = str(tmp_path / "model.safetensors")
     t = load_file(f)
-    del t["model.layers.1.mlp.up_proj.weight"]
+    edit(t)
     save_file(t, f)
+    return str(tmp_path)
+
+
+def test_missing_tensor(tmp_path, make_tiny):
+    path = _tiny_with_edited_weights(tmp_path, make_tiny,
+                                     lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ModelLoadError, match="up_proj"):
-        LLM(str(tmp_path))
+        LLM(path)
 
 
 def test_nan_weights(tmp_path, make_tiny):
-    from safetensors.torch import load_file, save_file
+    def poison(t):
+        t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
 
-    make_tiny(str(tmp_path), "llama")
-    f = str(tmp_path / "model.safetensors")
-    t = load_file(f)
-    t["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
-    save_file(t, f)
     with pytest.raises(ModelLoadError, match="NaN"):
-        LLM(str(tmp_path))
+        LLM(_tiny_with_edited_weights(tmp_path, make_tiny, poison))
 
 
 @pytest.mark.real_model
