@@ -151,3 +151,25 @@ def test_engine_config_errors(ck):
         LLMEngine(checkpoint=ck, dtype="float32", max_model_len=10**6)
     with pytest.raises(InvalidRequestError, match="dtype"):
         LLMEngine(checkpoint=ck, dtype="float16")
+
+
+def test_duplicate_id_leaves_the_live_request_alone(ck):
+    eng = make(ck).engine
+    eng.add_request(PROMPTS[0], GREEDY, request_id="a")
+    eng.step()
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        eng.add_request(PROMPTS[1], GREEDY, request_id="a")
+    final = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            final = o
+        eng.check_integrity()
+    assert final.request_id == "a" and len(final.token_ids) == GREEDY.max_tokens
+
+
+def test_sequence_larger_than_the_cache_ends_with_length(ck):
+    # 3 blocks of 16 tokens hold 48 tokens: generation stops there instead of spinning
+    llm = make(ck, num_blocks=3)
+    o = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0]
+    assert o.finish_reason == "length" and len(o.prompt_token_ids) + len(o.token_ids) <= 49
+    llm.engine.check_integrity()

@@ -210,3 +210,25 @@ def test_decode_role_first_token_can_finish():
     s.reserve(r)
     s.admit("a", 7)
     assert r.status is RequestStatus.FINISHED_LENGTH and s.kv.pool.usage()["in_use"] == 0
+
+
+def test_request_outgrowing_the_whole_pool_finishes_with_length_not_a_livelock():
+    s = make(num_blocks=2, block_size=4)
+    r = req("a", 3, max_tokens=50, ignore_eos=True)
+    s.add_request(r)
+    outs = run(s, max_steps=50)
+    assert r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens <= 9
+    # one last step finishes it (reported in `finished`); no empty spinning before that
+    assert all(not o.is_empty for o in outs[:-1]) and outs[-1].finished == [r]
+    assert s.kv.pool.usage()["in_use"] == 0
+
+
+def test_release_of_an_unfinished_prefill_aborts_it():
+    s = make(role="prefill", budget=4)
+    r = req("a", 9)
+    s.add_request(r)
+    step(s)  # mid-prefill
+    s.release("a")
+    s.check_integrity()
+    assert r.status is RequestStatus.FINISHED_ABORTED and not s.has_unfinished()
+    assert s.kv.pool.usage()["in_use"] == 0

@@ -37,12 +37,16 @@ class IncrementalDetokenizer:
         return None
 
     def _find_stop(self, new_from: int) -> str | None:
+        hits = []
         for s in self.stop:
             idx = self.text.find(s, max(0, new_from - len(s) + 1))
             if idx != -1:
-                self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
-                return s
-        return None
+                hits.append((idx, -len(s), s))
+        if not hits:
+            return None
+        idx, _, s = min(hits)  # the earliest match in the text (longest first at a tie)
+        self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
+        return s
 
     def take(self, finished: bool) -> str:
         """The text not yet handed out (all of it once finished)."""

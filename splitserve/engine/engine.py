@@ -57,6 +57,9 @@ def pick_device(name: str) -> torch.device:
 
 
 class LLMEngine:
+    """Not thread-safe: one thread drives it (add / abort between steps); a server queues
+    requests and aborts and applies them before each step."""
+
     def __init__(self, config: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
                  **overrides):
         """`checkpoint`: weights already loaded by `load_checkpoint` (several engines in one
@@ -139,22 +142,22 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(request_id, self.encode(prompt), params, arrival_time=arrival_time)
-        self._states[request_id] = _ReqState(
-            IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params.stop,
-                                   params.include_stop_str_in_output)
+        return Request(request_id, self.encode(prompt), params, arrival_time=arrival_time)
+
+    def _track(self, req: Request) -> None:
+        """Output state, created only once the scheduler has accepted the request (a refused
+        duplicate id must not touch the live request's state)."""
+        p = req.params
+        self._states[req.request_id] = _ReqState(
+            IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop,
+                                   p.include_stop_str_in_output)
         )
-        return req
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float = 0.0) -> str:
-        params = params or SamplingParams()
-        req = self._new_request(prompt, params, request_id, arrival_time)
-        try:
-            self.scheduler.add_request(req)
-        except Exception:
-            self._states.pop(req.request_id, None)
-            raise
+        req = self._new_request(prompt, params or SamplingParams(), request_id, arrival_time)
+        self.scheduler.add_request(req)
+        self._track(req)
         return req.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -172,8 +175,8 @@ class LLMEngine:
                 arrival_time: float = 0.0) -> list[int] | None:
         req = self._new_request(prompt_token_ids, params, request_id, arrival_time)
         block_ids = self.scheduler.reserve(req)
-        if block_ids is None:
-            self._states.pop(request_id, None)
+        if block_ids is not None:
+            self._track(req)
         return block_ids
 
     def admit(self, request_id: str, first_token: int) -> RequestOutput:
@@ -187,12 +190,23 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        outputs = [self._final_output(r) for r in out.finished]
         if out.is_empty:
-            return []
+            return outputs
         res = self.runner.execute(out)
         stepped = self.scheduler.update_from_output(out, res.sampled)
-        return [self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])
-                for r in stepped]
+        return outputs + [
+            self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])
+            for r in stepped]
+
+    def _final_output(self, req: Request) -> RequestOutput:
+        """A request the scheduler finished without running it this step (no new token)."""
+        rid = req.request_id
+        self.sampler.forget(rid)
+        st = self._states.pop(rid)
+        return RequestOutput(rid, [], st.detok.take(True), list(req.output_token_ids), st.detok.text,
+                             True, req.status.value, req.stop_reason, [], req.num_prompt_tokens,
+                             req.num_cached_tokens)
 
     def _postprocess(self, req: Request, logprobs: list) -> RequestOutput:
         rid = req.request_id

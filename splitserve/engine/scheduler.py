@@ -50,6 +50,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # finished while scheduling (outgrew the whole pool): no chunk, but the caller reports them
+    finished: list[Request] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -129,9 +131,15 @@ class Scheduler:
     # prefill role ----------------------------------------------------------------------------
     def release(self, request_id: str) -> None:
         """Prefill role: the hand-off is done (or abandoned); free the request's blocks."""
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.kv.free(req)
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.status is not RequestStatus.FINISHED_PREFILLED:
+            # abandoned before its first token: abort it wherever it is
+            self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+            return
+        del self.requests[request_id]
+        self.kv.free(req)
 
     # -- scheduling ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -152,6 +160,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._outgrows_pool(req, req.num_computed_tokens + num_new, out):
+                continue  # finished with "length"; running[i] is now the next request
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -166,6 +176,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self._outgrows_pool(req, req.num_tokens, out):
+                continue
             computed, num_hit = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if chunked:
@@ -181,6 +193,15 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, num_hit, num_new))
             budget -= num_new
         return budget
+
+    def _outgrows_pool(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """A request whose KV for num_tokens would not fit even in an empty pool can never run
+        again: preempting it would loop forever. Finish it with "length" instead."""
+        if -(-num_tokens // self.kv.block_size) <= self.kv.pool.num_blocks:
+            return False
+        self.finish_request(req.request_id, RequestStatus.FINISHED_LENGTH)
+        out.finished.append(req)
+        return True
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
