@@ -15,7 +15,7 @@ from splitserve.config import EngineConfig, ModelConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import Sampler
-from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.scheduler import ScheduledChunk, Scheduler
 from splitserve.errors import InvalidRequestError
 from splitserve.kv.cache import KVCache, kv_bytes_per_block
 from splitserve.kv.hashing import root_hash
@@ -190,7 +190,8 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        outputs = [self._final_output(r) for r in out.finished]
+        # finished while scheduling (outgrew the KV pool): reported with no new token
+        outputs = [self._output(r, [], []) for r in out.finished]
         if out.is_empty:
             return outputs
         res = self.runner.execute(out)
@@ -199,25 +200,22 @@ class LLMEngine:
             self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])
             for r in stepped]
 
-    def _final_output(self, req: Request) -> RequestOutput:
-        """A request the scheduler finished without running it this step (no new token)."""
-        rid = req.request_id
-        self.sampler.forget(rid)
-        st = self._states.pop(rid)
-        return RequestOutput(rid, [], st.detok.take(True), list(req.output_token_ids), st.detok.text,
-                             True, req.status.value, req.stop_reason, [], req.num_prompt_tokens,
-                             req.num_cached_tokens)
-
     def _postprocess(self, req: Request, logprobs: list) -> RequestOutput:
+        """Detokenize the request's new token (finishing it on a stop string), then report."""
+        tok = req.output_token_ids[-1]
+        stop_str = self._states[req.request_id].detok.add(tok)
+        if stop_str is not None and not req.is_finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
+                                          stop_reason=stop_str)
+        return self._output(req, [tok], logprobs)
+
+    def _output(self, req: Request, new_token_ids: list[int], logprobs: list) -> RequestOutput:
+        """The request's output for this step; a finished request's state is dropped here."""
         rid = req.request_id
         st = self._states[rid]
-        tok = req.output_token_ids[-1]
-        stop_str = st.detok.add(tok)
-        if stop_str is not None and not req.is_finished:
-            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
         finished = req.is_finished
         o = RequestOutput(
-            rid, [tok], st.detok.take(finished), list(req.output_token_ids), st.detok.text,
+            rid, new_token_ids, st.detok.take(finished), list(req.output_token_ids), st.detok.text,
             finished, req.status.value if finished else None, req.stop_reason, logprobs,
             req.num_prompt_tokens, req.num_cached_tokens,
         )
@@ -230,8 +228,6 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> list[float]:
         """log p(token_i | tokens_<i) for i >= 1 (prompt logprobs), e.g. for perplexity.
         Runs outside the scheduler on blocks taken from (and returned to) the pool."""
-        from splitserve.engine.scheduler import ScheduledChunk
-
         req = Request(f"score-{next(self._ids)}", self.encode(token_ids), SamplingParams(max_tokens=1))
         n = req.num_prompt_tokens
         if n < 2 or n > self.max_model_len:
