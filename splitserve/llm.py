@@ -69,11 +69,12 @@ class LLM:
         results: dict[str, CompletionOutput] = {}
         lps: dict[str, list] = {rid: [] for rid in ids}
         prompt_ids = dict(zip(ids, encoded))
+        params_of = dict(zip(ids, params))
         while eng.has_unfinished():
             for o in eng.step():
                 lps[o.request_id].extend(o.new_logprobs)
                 if o.finished:
-                    sp = params[ids.index(o.request_id)]
+                    sp = params_of[o.request_id]
                     results[o.request_id] = CompletionOutput(
                         prompt_ids[o.request_id], o.token_ids, o.text, o.finish_reason, o.stop_reason,
                         lps[o.request_id] if sp.logprobs is not None else None, o.num_cached_tokens,
