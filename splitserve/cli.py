@@ -1,4 +1,4 @@
-"""`splitserve generate | bench ...`"""
+"""`splitserve generate | serve | worker | bench ...`"""
 
 from __future__ import annotations
 
@@ -67,7 +67,21 @@ def cmd_bench_engine(a) -> int:
     return bench_main(a)
 
 
+def cmd_serve(a) -> int:
+    from splitserve.server.launch import run_serve
+
+    return run_serve(a)
+
+
+def cmd_worker(a) -> int:
+    from splitserve.server.launch import run_worker_cli
+
+    return run_worker_cli(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from splitserve.server.launch import add_serve_args, add_worker_args
+
     p = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -82,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server: router + prefill and decode workers "
+                       "(default: 1 + 1 on the embedded model, http://127.0.0.1:8000/v1)")
+    _engine_args(s)
+    add_serve_args(s)
+    add_worker_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="one worker process that registers with a router")
+    _engine_args(w)
+    add_worker_args(w)
+    w.add_argument("--role", required=True, choices=["colocated", "prefill", "decode"])
+    w.add_argument("--router", required=True, help="the router's control socket, HOST:PORT")
+    w.add_argument("--worker-id", default=None)
+    w.add_argument("--cores", default=None, help="pin to these cores, e.g. '0-3' or '0,2'")
+    w.add_argument("--data-host", default="127.0.0.1",
+                   help="decode: address its KV data socket binds and announces (a routable IP "
+                        "when prefill workers run on other hosts)")
+    w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

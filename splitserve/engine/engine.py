@@ -23,6 +23,7 @@ from splitserve.kv.manager import KVCacheManager
 from splitserve.model.layers import pick_linear_mode
 from splitserve.model.loader import LoadedCheckpoint, build_model, load_checkpoint
 from splitserve.request import Request, RequestStatus, SamplingParams
+from splitserve.tokenization import PromptEncoder
 
 
 @dataclass
@@ -73,6 +74,7 @@ class LLMEngine:
         ck = checkpoint or load_checkpoint(config.model, self.dtype)
         self.model_config: ModelConfig = ck.config
         self.tokenizer = ck.tokenizer
+        self.prompts = PromptEncoder(ck.tokenizer, ck.config.vocab_size)
         self.model_path = ck.path
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -106,6 +108,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self.kv_manager.block_ids, self.device)
         self._states: dict[str, _ReqState] = {}
         self._ids = itertools.count()
+        # Prefill role: called as (layer, chunks) once a layer's K/V of the step are in the cache.
+        self.kv_layer_hook = None
 
     @property
     def model_id(self) -> str:
@@ -115,27 +119,10 @@ class LLMEngine:
 
     # -- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, list | tuple) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            raise InvalidRequestError("a prompt must be a string or a list of integer token ids")
-        bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
-            )
-        return list(prompt)
+        return self.prompts.encode(prompt)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model has no chat template; send a plain prompt")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:
-            raise InvalidRequestError(f"messages do not fit the chat template: {e}") from e
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.prompts.apply_chat_template(messages)
 
     # -- requests --------------------------------------------------------------------------
     def _new_request(self, prompt, params, request_id, arrival_time) -> Request:
@@ -179,9 +166,14 @@ class LLMEngine:
             self._track(req)
         return block_ids
 
-    def admit(self, request_id: str, first_token: int) -> RequestOutput:
+    def admit(self, request_id: str, first_token: int, first_logprobs=None) -> RequestOutput:
+        """The prompt's KV is in the reserved blocks; `first_token` (with its logprobs, when the
+        request asked for them) was sampled by the prefill worker."""
         req = self.scheduler.admit(request_id, first_token)
-        return self._postprocess(req, [])
+        # The prefill worker's generator drew the first token's noise: draw it here too, so a
+        # seeded request samples the same tokens as it would in one engine.
+        self.sampler.skip_draw(request_id, req.params, self.model_config.vocab_size)
+        return self._postprocess(req, [first_logprobs] if first_logprobs is not None else [])
 
     # prefill role
     def release(self, request_id: str) -> None:
@@ -194,7 +186,8 @@ class LLMEngine:
         outputs = [self._output(r, [], []) for r in out.finished]
         if out.is_empty:
             return outputs
-        res = self.runner.execute(out)
+        hook = self.kv_layer_hook
+        res = self.runner.execute(out, None if hook is None else (lambda i: hook(i, out.chunks)))
         stepped = self.scheduler.update_from_output(out, res.sampled)
         return outputs + [
             self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])

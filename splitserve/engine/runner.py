@@ -103,9 +103,9 @@ class ModelRunner:
         return input_ids, positions, meta, sample_rows, sample_chunks
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, on_layer=None) -> StepResult:
         input_ids, positions, meta, rows, sample_chunks = self.build(out.chunks)
-        hidden = self.model(input_ids, positions, meta, self.cache)
+        hidden = self.model(input_ids, positions, meta, self.cache, on_layer)
         sampled: dict[str, int] = {}
         logprobs: dict[str, tuple] = {}
         if rows:

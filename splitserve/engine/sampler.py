@@ -43,6 +43,13 @@ class Sampler:
         return g
 
     @torch.inference_mode()
+    def skip_draw(self, request_id: str, params: SamplingParams, vocab: int) -> None:
+        """Advance a seeded request's generator by the draw of one sampled token (made in
+        another process, e.g. the prefill worker's first token)."""
+        if params.seed is not None and not params.greedy:
+            torch.empty(vocab, dtype=torch.float32, device=self.device).exponential_(generator=self._generator(request_id, params.seed))
+
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> SampleResult:
         """logits: [N, V] fp32, one row per request to sample."""
         n, vocab = logits.shape

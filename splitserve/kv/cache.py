@@ -29,6 +29,13 @@ class KVCache:
             raise ValueError(f"KV tensor has shape {tuple(tensor.shape)}, expected {shape}")
         self.kv = tensor
 
+    def adopt(self, tensor: torch.Tensor) -> None:
+        """Move the pool into `tensor` (e.g. shared memory) before any KV is written."""
+        if tensor.shape != self.kv.shape or tensor.dtype != self.kv.dtype:
+            raise ValueError(f"KV tensor {tuple(tensor.shape)} {tensor.dtype} does not match "
+                             f"{tuple(self.kv.shape)} {self.kv.dtype}")
+        self.kv = tensor
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """k, v: [T, Hkv, D] for the step's T tokens; slot_mapping: [T]."""
         nkv, d = k.shape[-2:]

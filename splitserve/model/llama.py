@@ -104,16 +104,22 @@ class LlamaModel(nn.Module):
         return self.fused
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache,
+                on_layer=None) -> torch.Tensor:
+        """on_layer(i), when given, is called as soon as layer i's K/V are in the cache (the
+        prefill worker hands them to the decode worker while the next layers compute)."""
         if self.fused:
-            return self._forward_fused(input_ids, positions, meta, cache)
+            return self._forward_fused(input_ids, positions, meta, cache, on_layer)
         h = self.embed_tokens(input_ids)
         rope_cs = self.rope.tables(positions, h.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             h = layer(h, rope_cs, meta, cache, self.attn_fn)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(h)
 
-    def _forward_fused(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache):
+    def _forward_fused(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache,
+                       on_layer=None):
         """The same arithmetic as forward(), in bf16, with the residual stream h updated in
         place: each norm call first adds the previous sub-layer's output (delta) to h."""
         from splitserve.kernels import ops
@@ -133,6 +139,8 @@ class LlamaModel(nn.Module):
             qkv = qkv_proj(x)
             k_cache, v_cache = cache.layer(i)
             ops.rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv, hd)
+            if on_layer is not None:
+                on_layer(i)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             o = attn_fn(q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd), meta,
                         k_cache, v_cache)

@@ -73,6 +73,12 @@ def load_checkpoint(model: str, dtype: torch.dtype) -> LoadedCheckpoint:
     return _load_gguf(path, dtype)
 
 
+def load_tokenizer(model: str):
+    """The tokenizer alone (the router tokenizes without loading weights)."""
+    path = resolve_model_path(model)
+    return _load_tokenizer(path) if os.path.isdir(path) else _load_gguf_tokenizer(path)
+
+
 # -- Hugging Face directory --------------------------------------------------------------------
 def _load_hf_dir(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
     from safetensors import SafetensorError

@@ -1,0 +1,275 @@
+"""Every message that crosses a socket, as typed msgspec structs (msgpack on the wire).
+
+No pickle anywhere: a decoder only ever builds these structs, and a frame that does not match
+their schema is refused (msgspec.ValidationError), not executed.
+
+Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEALER per worker):
+
+    worker                      router
+      Register  ──────────────►         (model, KV spec, role, where its KV can be written)
+                ◄──────────────  Welcome (accepted, or refused with a reason)
+      Heartbeat ──────────────►         (every ~0.5 s: load and KV stats)
+
+    colocated:  Generate ─► worker ─► Outputs ... (last one finished) ─► router
+    P/D:        Reserve ─► decode ─► Reserved(block ids) ─► router ─► Prefill(peer, block ids)
+                ─► prefill: KV layer by layer + KVDone over the data plane ─► decode
+                ─► decode: Outputs ... ─► router
+    any time:   Abort ─► worker;  worker ─► Failed(request, message)
+
+Data plane (prefill -> decode, a DEALER at the prefill worker to the decode worker's ROUTER):
+    Hello(KV spec) ─► HelloAck(ok | reason);  [KVLayer + raw bytes (tcp only)] ...;  KVDone
+    (or, once aborted, KVFence: no more writes for that request; see Abort)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from splitserve.request import SamplingParams
+
+
+class KVSpec(msgspec.Struct, frozen=True):
+    """What both ends of a KV hand-over must agree on, byte for byte."""
+
+    model_id: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layout: str = "layer,kv,block,slot,kv_head,head_dim"
+
+    def mismatch(self, other: KVSpec) -> str | None:
+        """A sentence naming every field that differs, or None when they agree."""
+        diffs = [f"{f}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
+                 for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f)]
+        return "; ".join(diffs) or None
+
+
+class Params(msgspec.Struct, frozen=True):
+    """SamplingParams on the wire (validated again when rebuilt on the worker)."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: int | None
+    include_stop_str_in_output: bool
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> Params:
+        return cls(p.max_tokens, float(p.temperature), p.top_k, float(p.top_p), p.seed, list(p.stop),
+                   list(p.stop_token_ids), p.ignore_eos, p.logprobs, p.include_stop_str_in_output)
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**{f: getattr(self, f) for f in self.__struct_fields__})
+
+
+class WorkerStats(msgspec.Struct):
+    running: int = 0
+    waiting: int = 0  # decode: reservations waiting for blocks too
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    kv_bytes_sent: int = 0
+    kv_bytes_received: int = 0
+    kv_transfer_seconds: float = 0.0  # time spent writing KV (prefill) / in hand-overs (decode)
+    kv_transfers: int = 0
+    steps: int = 0
+
+
+class DecodePeer(msgspec.Struct, frozen=True):
+    """Where and how a prefill worker writes a decode worker's KV."""
+
+    worker_id: str
+    data_addr: str  # the decode worker's data-plane ROUTER socket
+    host: str  # hostname|boot id: shm only between workers of one host
+    kv: KVSpec
+    num_blocks: int
+    shm_path: str | None = None  # the decode worker's KV pool, when it lives in shared memory
+
+
+# -- control plane ------------------------------------------------------------------------
+class Register(msgspec.Struct, tag=True):
+    worker_id: str
+    role: str  # colocated | prefill | decode
+    pid: int
+    host: str
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    kv: KVSpec
+    num_blocks: int
+    transport: str  # the KV transport this worker uses (prefill) / offers (decode): shm | tcp
+    data_addr: str | None = None  # decode only
+    shm_path: str | None = None  # decode only
+
+
+class Welcome(msgspec.Struct, tag=True):
+    accepted: bool
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    stats: WorkerStats
+
+
+class Generate(msgspec.Struct, tag=True):
+    """Colocated worker: run the request to the end."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+
+
+class Reserve(msgspec.Struct, tag=True):
+    """Decode worker: hold blocks for the prompt (queued while none are free); the KV must
+    arrive from `prefill_worker_id` within the worker's transfer timeout of the reservation."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+    prefill_worker_id: str
+
+
+class Reserved(msgspec.Struct, tag=True):
+    request_id: str
+    block_ids: list[int]
+    t_reserved: float  # monotonic, decode worker's clock
+
+
+class Prefill(msgspec.Struct, tag=True):
+    """Prefill worker: compute the prompt, write each layer's KV into `block_ids` of `peer`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+    peer: DecodePeer
+    block_ids: list[int]
+
+
+class Abort(msgspec.Struct, tag=True):
+    """Stop the request and free its blocks. To a prefill worker, `decode_peer` names the
+    decode worker it was writing to: the prefill worker answers it with a KVFence. To a decode
+    worker, `fenced` says a prefill worker may still be writing its blocks: they stay
+    held until that worker's KVFence (or its death) says the writes have stopped."""
+
+    request_id: str
+    decode_peer: DecodePeer | None = None
+    fenced: bool = False
+
+
+class PeerGone(msgspec.Struct, tag=True):
+    """A worker died: a prefill worker drops its connection to it; a decode worker frees the
+    blocks it held for that worker's writes."""
+
+    worker_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+class Handover(msgspec.Struct):
+    """How one request's KV hand-over went (sent with its first output by the decode worker)."""
+
+    bytes: int
+    write_seconds: float  # prefill side: time inside write_layer (inline with the forward)
+    notify_seconds: float  # KVDone sent by the prefill worker -> request admitted at decode
+    transport: str
+    reserve_seconds: float = 0.0  # router: Reserve sent -> Prefill sent (filled by the router)
+
+
+class Delta(msgspec.Struct):
+    """One request's new tokens from one engine step (the engine's RequestOutput, as deltas)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # per new token: [sampled logprob, [[token, logprob], ...top]]
+    new_logprobs: list[Any] = []
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    handover: Handover | None = None
+
+
+class Outputs(msgspec.Struct, tag=True):
+    items: list[Delta]
+
+
+class Failed(msgspec.Struct, tag=True):
+    request_id: str
+    message: str
+
+
+# -- data plane -----------------------------------------------------------------------------
+class Hello(msgspec.Struct, tag=True):
+    sender_id: str
+    kv: KVSpec
+    transport: str
+
+
+class HelloAck(msgspec.Struct, tag=True):
+    ok: bool
+    reason: str = ""
+
+
+class KVLayer(msgspec.Struct, tag=True):
+    """Followed by one raw frame: K and V of `block_ids`, [2, len(block_ids), block, heads, dim]."""
+
+    request_id: str
+    layer: int
+    block_ids: list[int]
+
+
+class KVDone(msgspec.Struct, tag=True):
+    """Every layer of the prompt is in the decode worker's blocks; `first_token` was sampled."""
+
+    request_id: str
+    first_token: int
+    first_logprobs: list[Any] | None
+    bytes: int
+    write_seconds: float
+    t_sent: float  # monotonic, prefill worker's clock (same host: comparable)
+    transport: str
+
+
+class KVFence(msgspec.Struct, tag=True):
+    """The prefill worker will write no more of `request_id`'s blocks (it was aborted)."""
+
+    request_id: str
+
+
+ToWorker = Welcome | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
+ToRouter = Register | Heartbeat | Reserved | Outputs | Failed
+DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence
+
+_enc = msgspec.msgpack.Encoder()
+_dec_worker = msgspec.msgpack.Decoder(ToWorker)
+_dec_router = msgspec.msgpack.Decoder(ToRouter)
+_dec_data = msgspec.msgpack.Decoder(DataMsg)
+
+
+def encode(msg) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode_to_worker(b: bytes):
+    return _dec_worker.decode(b)
+
+
+def decode_to_router(b: bytes):
+    return _dec_router.decode(b)
+
+
+def decode_data(b: bytes):
+    return _dec_data.decode(b)

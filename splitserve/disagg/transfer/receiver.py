@@ -1,0 +1,91 @@
+"""The decode worker's end of the data plane: answers handshakes, copies tcp layers into the
+pool, and hands KVDone / KVFence notices to the worker loop.
+
+A KVLayer is written only into blocks the named request still holds while it waits for its
+KV: a late layer of a request that was aborted (and whose blocks may belong to someone else
+now) is dropped, never written.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import zmq
+
+from splitserve.disagg import protocol as P
+from splitserve.kv.cache import KVCache
+
+# A received frame is read-only; it is only ever read (copied into the pool).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class KVReceiver:
+    def __init__(self, ctx: zmq.Context, cache: KVCache, spec: P.KVSpec, host: str,
+                 reserved_blocks: Callable[[str], list[int] | None]):
+        """reserved_blocks(request_id): the blocks it holds while waiting for KV, else None."""
+        self.cache, self.spec = cache, spec
+        self.reserved_blocks = reserved_blocks
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.addr = f"tcp://{host}:{port}"
+        self.bytes_received = 0
+        self.seconds = 0.0
+        self.senders: dict[bytes, str] = {}  # socket identity -> prefill worker id
+        self.dropped_layers = 0
+
+    def poll(self) -> list[tuple[str, P.KVDone | P.KVFence]]:
+        """Handle everything that has arrived; returns (sender worker id, notice) in order."""
+        notices = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return notices
+            ident, head = frames[0].bytes, frames[1].bytes
+            try:
+                msg = P.decode_data(head)
+            except Exception:
+                continue  # not one of ours: ignore it rather than die
+            if isinstance(msg, P.Hello):
+                self._hello(ident, msg)
+            elif isinstance(msg, P.KVLayer) and len(frames) == 3:
+                self._layer(msg, frames[2])
+            elif isinstance(msg, P.KVDone | P.KVFence):
+                notices.append((self.senders.get(ident, "?"), msg))
+
+    def _hello(self, ident: bytes, msg: P.Hello) -> None:
+        mismatch = self.spec.mismatch(msg.kv)
+        if mismatch:
+            ack = P.HelloAck(False, f"KV cache mismatch ({mismatch})")
+        else:
+            self.senders[ident] = msg.sender_id
+            ack = P.HelloAck(True)
+        self.sock.send_multipart([ident, P.encode(ack)])
+
+    def _layer(self, msg: P.KVLayer, frame) -> None:
+        held = self.reserved_blocks(msg.request_id)
+        if held is None or not set(msg.block_ids) <= set(held) or not 0 <= msg.layer < self.spec.num_layers:
+            self.dropped_layers += 1
+            return
+        t0 = time.perf_counter()
+        kv = self.cache.kv
+        n = len(msg.block_ids)
+        shape = (2, n, *kv.shape[3:])
+        expect = 2 * n * kv[0, 0, 0].numel() * kv.element_size()
+        buf = frame.buffer
+        if len(buf) != expect:
+            self.dropped_layers += 1
+            return
+        data = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8)).view(kv.dtype).view(shape)
+        idx = torch.tensor(msg.block_ids, dtype=torch.long)
+        kv[msg.layer].index_copy_(1, idx, data.to(kv.device))
+        self.bytes_received += expect
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,46 @@
+"""tcp: each layer's K/V of the request's blocks are gathered into one buffer and sent over the
+data-plane socket; the decode worker's receiver copies them into its pool."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from splitserve.disagg import protocol as P
+from splitserve.disagg.transfer.base import KVSender
+from splitserve.disagg.transfer.channel import SenderChannel
+from splitserve.kv.cache import KVCache
+
+
+class TcpSender(KVSender):
+    transport = "tcp"
+
+    def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
+                 cache: KVCache):
+        super().__init__()
+        self.cache = cache
+        self.channel = SenderChannel(ctx, sender_id, peer, spec, self.transport)
+
+    def write_layer(self, request_id, layer, src_block_ids, dst_block_ids) -> int:
+        t0 = time.perf_counter()
+        idx = torch.tensor(src_block_ids, dtype=torch.long, device=self.cache.kv.device)
+        # [2, n, block, heads, dim]: a fresh contiguous tensor, so the local blocks can be freed
+        # while ZeroMQ still sends it
+        data = self.cache.kv[layer].index_select(1, idx).cpu()
+        payload = data.view(torch.uint8).numpy()
+        self.channel.send(P.KVLayer(request_id, layer, list(dst_block_ids)), payload)
+        self.bytes_sent += payload.nbytes
+        self.seconds += time.perf_counter() - t0
+        return payload.nbytes
+
+    def done(self, msg: P.KVDone) -> None:
+        self.channel.send(msg)
+        self.transfers += 1
+
+    def fence(self, request_id: str) -> None:
+        self.channel.send(P.KVFence(request_id))
+
+    def close(self) -> None:
+        self.channel.close()

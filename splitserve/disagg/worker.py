@@ -1,0 +1,459 @@
+"""A worker process: one engine (colocated, prefill or decode role) driven by messages.
+
+The loop is single-threaded, like the engine it drives: between two engine steps it drains the
+control socket (requests, aborts) and, on a decode worker, the data plane (KV layers, done and
+fence notices), then runs one step and sends the step's outputs. A prefill worker's engine
+calls `_on_layer` from inside the forward pass, as each layer's K/V lands in its cache.
+
+A decode worker's reserved blocks are written by someone else (one-sided, like RDMA), so once a
+prefill worker may be writing them they are never freed until that worker says it has stopped
+(KVDone or KVFence) or is gone: freeing them early could let late writes land in blocks that
+another request owns by then.
+
+    reservation:  Reserve ─► pending (no blocks yet) ─► waiting_kv (blocks held, deadline)
+                    ─► KVDone: admitted, decoding
+                    ─► timeout / Abort: fenced (blocks held, request failed) ─► KVFence: freed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.disagg import protocol as P
+from splitserve.disagg.transfer.base import KVSender, TransferError
+from splitserve.engine.engine import LLMEngine, RequestOutput
+from splitserve.errors import SplitServeError
+from splitserve.request import RequestStatus
+
+log = logging.getLogger("splitserve.worker")
+
+HEARTBEAT_S = 0.5
+FENCE_MAX_S = 60.0  # a stalled prefill worker keeps fenced blocks at most this long
+
+
+def host_identity() -> str:
+    """hostname|boot id: two workers may share memory only when these are equal."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}|{boot}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # colocated | prefill | decode
+    router_addr: str  # tcp://host:port of the router's control socket
+    engine: EngineConfig
+    worker_id: str = ""
+    kv_transport: str = "auto"  # auto | shm | tcp
+    kv_timeout_s: float = 30.0  # reservation -> KVDone, else the request fails
+    data_host: str = "127.0.0.1"  # where a decode worker's data socket listens
+    cores: tuple[int, ...] | None = None
+    parent_pid: int | None = None  # exit when this process is gone (workers started by serve)
+    register_timeout_s: float = 60.0
+
+
+def to_delta(o: RequestOutput, handover: P.Handover | None = None) -> P.Delta:
+    lps = [[lp, [list(t) for t in top]] for lp, top in o.new_logprobs]
+    return P.Delta(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason,
+                   o.stop_reason, lps, o.num_prompt_tokens, o.num_cached_tokens,
+                   len(o.token_ids), handover)
+
+
+@dataclass
+class _Target:
+    """Prefill side: where one request's KV goes."""
+
+    peer: P.DecodePeer
+    dst_blocks: list[int]
+    next_block: int = 0  # blocks below this one were written in full
+    bytes: int = 0
+    write_seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class _Reservation:
+    """Decode side: a request whose KV is expected from `prefill_id`."""
+
+    msg: P.Reserve
+    deadline: float = 0.0
+    t_reserved: float = 0.0
+    fenced_at: float | None = None
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig):
+        if cfg.role not in ("colocated", "prefill", "decode"):
+            raise SplitServeError(f"role must be colocated, prefill or decode, got {cfg.role!r}")
+        self.cfg = cfg
+        self.role = cfg.role
+        self.worker_id = cfg.worker_id or f"{cfg.role}-{socket.gethostname()}-{os.getpid()}"
+        if cfg.cores:
+            os.sched_setaffinity(0, cfg.cores)
+        ec = cfg.engine
+        if ec.scheduler.role != cfg.role:
+            ec = EngineConfig(**{**ec.__dict__, "scheduler": SchedulerConfig(
+                **{**ec.scheduler.__dict__, "role": cfg.role})})
+        if cfg.role == "decode" and ec.cache.enable_prefix_caching:
+            # decode-side prefix hits are not used (reserve takes the whole prompt); caching
+            # the written blocks would only keep stale hashes alive
+            ec = EngineConfig(**{**ec.__dict__, "cache": CacheConfig(
+                **{**ec.cache.__dict__, "enable_prefix_caching": False})})
+        self.engine = LLMEngine(ec)
+        eng = self.engine
+        self.spec = P.KVSpec(eng.model_id, ec.dtype, eng.kv_cache.block_size,
+                             eng.model_config.num_layers, eng.model_config.num_kv_heads,
+                             eng.model_config.head_dim)
+        self.host = host_identity()
+        self.ctx = zmq.Context.instance()
+        self.ctrl = self.ctx.socket(zmq.DEALER)
+        self.ctrl.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self.ctrl.setsockopt(zmq.LINGER, 1000)
+        self.ctrl.connect(cfg.router_addr)
+        self.poller = zmq.Poller()
+        self.poller.register(self.ctrl, zmq.POLLIN)
+        self.stats = P.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
+        self.running = True
+        self.shm_path: str | None = None
+        self.receiver = None
+        # prefill
+        self.targets: dict[str, _Target] = {}
+        self.senders: dict[str, KVSender] = {}
+        # decode
+        self.pending: deque[P.Reserve] = deque()
+        self.reservations: dict[str, _Reservation] = {}
+        if self.role == "decode":
+            self._setup_decode()
+        if self.role == "prefill":
+            eng.kv_layer_hook = self._on_layer
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _setup_decode(self) -> None:
+        from splitserve.disagg.transfer.receiver import KVReceiver
+
+        if self.cfg.kv_transport in ("auto", "shm") and self.engine.device.type == "cpu":
+            from splitserve.disagg.transfer.shm import create_pool
+
+            try:
+                self.shm_path, tensor = create_pool(self.spec, self.engine.kv_cache.num_blocks)
+                self.engine.kv_cache.adopt(tensor)
+            except TransferError:
+                if self.cfg.kv_transport == "shm":
+                    raise
+                log.warning("no shared-memory KV pool; prefill workers will send KV over tcp")
+        self.receiver = KVReceiver(self.ctx, self.engine.kv_cache, self.spec, self.cfg.data_host,
+                                   self._reserved_blocks)
+        self.poller.register(self.receiver.sock, zmq.POLLIN)
+
+    def _reserved_blocks(self, request_id: str) -> list[int] | None:
+        if request_id not in self.reservations:
+            return None
+        return self.engine.kv_manager.block_ids(request_id)
+
+    def register(self) -> None:
+        eng = self.engine
+        self._send(P.Register(
+            self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
+            eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
+            self.cfg.kv_transport, self.receiver.addr if self.receiver else None, self.shm_path))
+        if not self.ctrl.poll(int(self.cfg.register_timeout_s * 1000)):
+            raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
+                                  f"{self.cfg.register_timeout_s:.0f} s")
+        msg = P.decode_to_worker(self.ctrl.recv())
+        if not isinstance(msg, P.Welcome) or not msg.accepted:
+            raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
+
+    def close(self) -> None:
+        for s in self.senders.values():
+            s.close()
+        if self.receiver:
+            self.receiver.close()
+        self.ctrl.close(linger=500)
+        if self.shm_path:
+            try:
+                os.unlink(self.shm_path)
+            except OSError:
+                pass
+            self.shm_path = None
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        self.register()
+        last_hb = 0.0
+        try:
+            while self.running:
+                busy = self.engine.has_unfinished()
+                timeout = 0 if busy else 50
+                if self.role == "decode" and (self.pending or self.reservations):
+                    timeout = min(timeout, 10)
+                events = dict(self.poller.poll(timeout))
+                if self.ctrl in events:
+                    self._drain_ctrl()
+                if self.receiver is not None and self.receiver.sock in events:
+                    self._drain_data()
+                if self.role == "decode":
+                    self._decode_housekeeping(time.monotonic())
+                if self.engine.has_unfinished():
+                    self._step()
+                now = time.monotonic()
+                if now - last_hb >= HEARTBEAT_S:
+                    self._heartbeat()
+                    last_hb = now
+                    if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
+                        log.warning("parent %s is gone; exiting", self.cfg.parent_pid)
+                        break
+        finally:
+            self.close()
+
+    def _send(self, msg) -> None:
+        self.ctrl.send(P.encode(msg))
+
+    def _fail(self, request_id: str, message: str) -> None:
+        self._send(P.Failed(request_id, message))
+
+    def _heartbeat(self) -> None:
+        eng, st = self.engine, self.stats
+        st.running = len(eng.scheduler.running)
+        st.waiting = len(eng.scheduler.waiting) + len(self.pending)
+        st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
+        if self.senders or self.role == "prefill":
+            st.kv_bytes_sent = sum(s.bytes_sent for s in self.senders.values()) + self._closed_bytes
+            st.kv_transfer_seconds = sum(s.seconds for s in self.senders.values()) + self._closed_seconds
+        if self.receiver is not None:
+            st.kv_bytes_received = self.receiver.bytes_received
+        self._send(P.Heartbeat(st))
+
+    _closed_bytes = 0
+    _closed_seconds = 0.0
+
+    def _drain_ctrl(self) -> None:
+        while True:
+            try:
+                raw = self.ctrl.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode_to_worker(raw)
+            except Exception as e:  # a malformed frame must not kill the worker
+                log.error("dropped a malformed control message: %s", e)
+                continue
+            handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
+            if handler is not None:
+                handler(msg)
+
+    def _on_shutdown(self, msg: P.Shutdown) -> None:
+        self.running = False
+
+    def _on_generate(self, msg: P.Generate) -> None:
+        try:
+            self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), msg.request_id)
+        except SplitServeError as e:
+            self._fail(msg.request_id, str(e))
+
+    def _on_abort(self, msg: P.Abort) -> None:
+        rid = msg.request_id
+        if self.role == "decode":
+            self._decode_abort(rid, msg.fenced)
+            return
+        self.engine.abort_request(rid)
+        target = self.targets.pop(rid, None)
+        peer = target.peer if target else msg.decode_peer
+        if self.role == "prefill" and peer is not None:
+            # the decode worker keeps the blocks until it knows no write of ours is left
+            try:
+                self._sender(peer).fence(rid)
+            except TransferError as e:
+                log.warning("could not fence %s at %s: %s", rid, peer.worker_id, e)
+
+    def _on_peergone(self, msg: P.PeerGone) -> None:
+        s = self.senders.pop(msg.worker_id, None)
+        if s is not None:
+            self._closed_bytes += s.bytes_sent
+            self._closed_seconds += s.seconds
+            s.close()
+        for rid, t in list(self.targets.items()):
+            if t.peer.worker_id == msg.worker_id:
+                del self.targets[rid]
+                self.engine.abort_request(rid)
+        for rid, r in list(self.reservations.items()):
+            if r.msg.prefill_worker_id == msg.worker_id:
+                self._free_reservation(rid)
+
+    # -- prefill role ----------------------------------------------------------------------
+    def _sender(self, peer: P.DecodePeer) -> KVSender:
+        s = self.senders.get(peer.worker_id)
+        if s is None:
+            t = self.cfg.kv_transport
+            same_host = peer.host == self.host and peer.shm_path is not None
+            if t == "shm" and not same_host:
+                raise TransferError(f"--kv-transport shm, but decode worker {peer.worker_id} has no "
+                                    "shared-memory pool on this host; use tcp or auto")
+            if t in ("auto", "shm") and same_host and self.engine.device.type == "cpu":
+                from splitserve.disagg.transfer.shm import ShmSender as cls
+            else:
+                from splitserve.disagg.transfer.tcp import TcpSender as cls
+            s = cls(self.ctx, self.worker_id, peer, self.spec, self.engine.kv_cache)
+            self.senders[peer.worker_id] = s
+        return s
+
+    def _on_prefill(self, msg: P.Prefill) -> None:
+        rid = msg.request_id
+        try:
+            self._sender(msg.peer)
+            if len(msg.block_ids) * self.spec.block_size < len(msg.prompt_token_ids):
+                raise TransferError(f"{len(msg.block_ids)} reserved blocks cannot hold "
+                                    f"{len(msg.prompt_token_ids)} prompt tokens")
+            self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), rid)
+        except SplitServeError as e:
+            self._fail(rid, str(e))
+            return
+        self.targets[rid] = _Target(msg.peer, list(msg.block_ids))
+
+    def _on_layer(self, layer: int, chunks) -> None:
+        """Engine hook (inside the forward): layer `layer` of every prompt chunk of this step is
+        in the local cache; write it to each request's decode worker.
+
+        Blocks written per chunk [start, end):  [min(next_block, start // bs), ceil(end / bs))
+        - from block 0 on a request's first chunk (its prefix-cache hits were never computed
+          here but must be sent), a partial last block is written again by the next chunk."""
+        bs = self.spec.block_size
+        last = layer == self.spec.num_layers - 1
+        for ch in chunks:
+            rid = ch.request.request_id
+            t = self.targets.get(rid)
+            if t is None or t.error or ch.num_new_tokens == 0:
+                continue
+            end = ch.start + ch.num_new_tokens
+            b0, b1 = min(t.next_block, ch.start // bs), -(-end // bs)
+            src = self.engine.kv_manager.block_ids(rid)[b0:b1]
+            try:
+                t0 = time.perf_counter()
+                t.bytes += self.senders[t.peer.worker_id].write_layer(rid, layer, src, t.dst_blocks[b0:b1])
+                t.write_seconds += time.perf_counter() - t0
+            except (TransferError, KeyError) as e:
+                t.error = str(e) if isinstance(e, TransferError) else "decode worker is gone"
+            if last:
+                t.next_block = end // bs
+
+    def _prefill_outputs(self, outs: list[RequestOutput]) -> None:
+        for o in outs:
+            rid = o.request_id
+            t = self.targets.get(rid)
+            if t is None:
+                continue
+            if t.error:
+                del self.targets[rid]
+                self.engine.abort_request(rid)
+                self._fail(rid, f"KV transfer to {t.peer.worker_id} failed: {t.error}")
+                continue
+            if not o.finished:
+                continue
+            del self.targets[rid]
+            if not o.new_token_ids:  # finished without a token (outgrew the pool)
+                self.engine.release(rid)
+                self._fail(rid, f"prefill could not finish ({o.finish_reason})")
+                continue
+            lp = o.new_logprobs[0] if o.new_logprobs else None
+            first_lp = None if lp is None else [lp[0], [list(x) for x in lp[1]]]
+            try:
+                sender = self.senders[t.peer.worker_id]
+                sender.done(P.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
+                                     time.monotonic(), sender.transport))
+            except (TransferError, KeyError) as e:
+                self._fail(rid, f"KV hand-over to {t.peer.worker_id} failed: {e}")
+            if o.finish_reason == RequestStatus.FINISHED_PREFILLED.value:
+                self.engine.release(rid)
+
+    # -- decode role -----------------------------------------------------------------------
+    def _on_reserve(self, msg: P.Reserve) -> None:
+        self.pending.append(msg)
+
+    def _decode_housekeeping(self, now: float) -> None:
+        while self.pending:
+            msg = self.pending[0]
+            try:
+                blocks = self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
+                                             msg.request_id)
+            except SplitServeError as e:
+                self.pending.popleft()
+                self._fail(msg.request_id, str(e))
+                continue
+            if blocks is None:
+                break  # FIFO: later reservations wait behind this one
+            self.pending.popleft()
+            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_timeout_s, now)
+            self._send(P.Reserved(msg.request_id, blocks, now))
+        for rid, r in list(self.reservations.items()):
+            if r.fenced_at is None and now > r.deadline:
+                r.fenced_at = now
+                self._fail(rid, f"KV transfer from {r.msg.prefill_worker_id} did not complete "
+                                f"within {self.cfg.kv_timeout_s:g} s")
+            elif r.fenced_at is not None and now - r.fenced_at > FENCE_MAX_S:
+                log.warning("no fence for %s from %s after %.0f s; freeing its blocks", rid,
+                            r.msg.prefill_worker_id, FENCE_MAX_S)
+                self._free_reservation(rid)
+
+    def _free_reservation(self, rid: str) -> None:
+        self.reservations.pop(rid, None)
+        self.engine.abort_request(rid)
+
+    def _decode_abort(self, rid: str, fenced: bool) -> None:
+        for i, m in enumerate(self.pending):
+            if m.request_id == rid:
+                del self.pending[i]
+                return
+        r = self.reservations.get(rid)
+        if r is not None:
+            if fenced:
+                r.fenced_at = r.fenced_at or time.monotonic()
+            else:
+                self._free_reservation(rid)
+            return
+        self.engine.abort_request(rid)
+
+    def _drain_data(self) -> None:
+        for _sender, msg in self.receiver.poll():
+            rid = msg.request_id
+            r = self.reservations.get(rid)
+            if r is None:
+                continue  # already freed (aborted before the prefill worker heard of it)
+            if isinstance(msg, P.KVFence) or r.fenced_at is not None:
+                self._free_reservation(rid)  # the writer has stopped: the blocks are safe to free
+                continue
+            del self.reservations[rid]
+            o = self.engine.admit(rid, msg.first_token, msg.first_logprobs)
+            notify = time.monotonic() - msg.t_sent
+            self.stats.kv_transfers += 1
+            self.stats.kv_transfer_seconds += notify
+            self._send(P.Outputs([to_delta(o, P.Handover(msg.bytes, msg.write_seconds, notify,
+                                                         msg.transport))]))
+
+    # -- the step --------------------------------------------------------------------------
+    def _step(self) -> None:
+        outs = self.engine.step()
+        self.stats.steps += 1
+        if self.role == "prefill":
+            self._prefill_outputs(outs)
+            return
+        items = [to_delta(o) for o in outs if o.finish_reason != "abort"]
+        if items:
+            self._send(P.Outputs(items))
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+    worker = Worker(cfg)
+    worker.run()
+    return 0

@@ -1,0 +1,1 @@
+"""The router (conductor): worker registry, request routing, P/D hand-off orchestration."""

@@ -1,0 +1,346 @@
+"""The conductor: the router's state and its side of the control plane, in the API server's
+asyncio loop.
+
+It keeps the worker registry (every worker must agree on model and KV layout with the first
+one), picks workers for each request, drives the P/D hand-off (Reserve at a decode worker,
+then Prefill at a prefill worker naming the reserved blocks), relays outputs to the request's
+stream, and turns a worker's death or failure into an error on exactly the requests it held.
+
+    generate(): Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... Outputs (from decode)
+    generator closed early (client gone) ─► Abort to both workers (see protocol.Abort)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from splitserve.disagg import protocol as P
+from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
+from splitserve.request import SamplingParams
+from splitserve.router.policies import LeastLoaded, WorkerLoad
+from splitserve.tokenization import PromptEncoder
+
+log = logging.getLogger("splitserve.router")
+
+
+@dataclass
+class WorkerHandle:
+    info: P.Register
+    last_seen: float
+    stats: P.WorkerStats = field(default_factory=P.WorkerStats)
+    requests: set[str] = field(default_factory=set)
+    proc: subprocess.Popen | None = None
+    alive: bool = True
+
+    @property
+    def peer(self) -> P.DecodePeer:
+        i = self.info
+        return P.DecodePeer(i.worker_id, i.data_addr or "", i.host, i.kv, i.num_blocks, i.shm_path)
+
+
+@dataclass
+class _Track:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    worker: str | None = None  # colocated
+    prefill: str | None = None
+    decode: str | None = None
+    prefill_sent: bool = False
+    done: bool = False
+    t_reserve: float = 0.0
+    reserve_seconds: float = 0.0
+
+
+class Conductor:
+    def __init__(self, model: str = "default", served_model_name: str = "default",
+                 bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
+                 tokenizer=None):
+        self.model = model
+        self.served_model_name = served_model_name
+        self.bind = bind
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._tokenizer = tokenizer
+        self.prompts: PromptEncoder | None = None
+        self.workers: dict[str, WorkerHandle] = {}
+        self.reference: P.Register | None = None  # the first worker: the others must agree
+        self.policy = LeastLoaded()
+        self._tracks: dict[str, _Track] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.addr = ""
+        self.dead: list[str] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.ctx = zmq.asyncio.Context()
+        self.sock = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker may reuse its id
+        host, _, port = self.bind.rpartition(":")
+        if port in ("0", "*"):
+            port = self.sock.bind_to_random_port(host)
+        else:
+            self.sock.bind(self.bind)
+        self.addr = f"{host}:{port}"
+        if self._tokenizer is None:
+            from splitserve.model.loader import load_tokenizer
+
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, self.model)
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        for w in self.workers.values():
+            if w.alive:
+                self._send(w.info.worker_id, P.Shutdown())
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers.values():
+            if w.proc is not None:
+                while w.proc.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                if w.proc.poll() is None:
+                    w.proc.kill()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def attach_process(self, worker_id: str, proc: subprocess.Popen) -> None:
+        """A worker this process started: its exit is noticed at once, not by heartbeat."""
+        self._procs[worker_id] = proc
+        if worker_id in self.workers:
+            self.workers[worker_id].proc = proc
+
+    # -- what the API asks -------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        live = [w.info.role for w in self.workers.values() if w.alive]
+        return "colocated" in live or ("prefill" in live and "decode" in live)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.reference.max_model_len if self.reference else 0
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        ids = self._encoder().encode(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self._encoder().apply_chat_template(messages)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return [self._tokenizer.decode([t]) for t in token_ids]
+
+    def _encoder(self) -> PromptEncoder:
+        if self.reference is None:
+            raise ServiceUnavailable("no worker has registered yet")
+        if self.prompts is None:
+            self.prompts = PromptEncoder(self._tokenizer, self.reference.vocab_size)
+        return self.prompts
+
+    def health(self) -> dict:
+        status = ("ok" if not self.dead else "degraded") if self.is_ready() else (
+            "starting" if not self.dead else "unavailable")
+        return {"status": status, "workers": [
+            {"worker_id": w.info.worker_id, "role": w.info.role, "pid": w.info.pid,
+             "alive": w.alive, "running": w.stats.running, "waiting": w.stats.waiting,
+             "kv_blocks_used": w.stats.kv_blocks_used, "kv_blocks_total": w.stats.kv_blocks_total,
+             "outstanding": len(w.requests), "kv_transport": w.info.transport}
+            for w in self.workers.values()], "dead": list(self.dead)}
+
+    def worker_stats(self) -> list[dict]:
+        return [{"worker_id": w.info.worker_id, "role": w.info.role, "running": w.stats.running,
+                 "waiting": w.stats.waiting, "kv_blocks_used": w.stats.kv_blocks_used,
+                 "kv_blocks_total": w.stats.kv_blocks_total, "kv_bytes_sent": w.stats.kv_bytes_sent,
+                 "kv_bytes_received": w.stats.kv_bytes_received,
+                 "kv_transfer_seconds": w.stats.kv_transfer_seconds, "kv_transfers": w.stats.kv_transfers}
+                for w in self.workers.values() if w.alive]
+
+    # -- requests ----------------------------------------------------------------------------
+    def _pick(self, role: str) -> str | None:
+        return self.policy.pick([
+            WorkerLoad(w.info.worker_id, len(w.requests), w.stats.kv_blocks_total - w.stats.kv_blocks_used)
+            for w in self.workers.values() if w.alive and w.info.role == role])
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[P.Delta]:
+        if request_id in self._tracks:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        if not self.is_ready():
+            raise ServiceUnavailable("no worker is ready to serve (starting, or all died)")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's "
+                                      f"context is {self.max_model_len}")
+        t = _Track(request_id, list(prompt_token_ids), params, asyncio.Queue())
+        wp = P.Params.of(params)
+        colocated = self._pick("colocated")
+        if colocated is not None:
+            t.worker = colocated
+            self._own(t, colocated)
+            self._send(colocated, P.Generate(request_id, t.prompt, wp))
+        else:
+            t.prefill, t.decode = self._pick("prefill"), self._pick("decode")
+            if t.prefill is None or t.decode is None:
+                raise ServiceUnavailable("no prefill+decode pair is alive")
+            self._own(t, t.prefill)
+            self._own(t, t.decode)
+            t.t_reserve = time.monotonic()
+            self._send(t.decode, P.Reserve(request_id, t.prompt, wp, t.prefill))
+        self._tracks[request_id] = t
+        try:
+            while True:
+                item = await t.queue.get()
+                if isinstance(item, Exception):
+                    t.done = True  # the failing side cleaned up; the others are told below
+                    self._abort(t)
+                    raise item
+                yield item
+                if item.finished:
+                    t.done = True
+                    return
+        finally:
+            if not t.done:
+                self._abort(t)
+            self._tracks.pop(request_id, None)
+            for wid in (t.worker, t.prefill, t.decode):
+                if wid in self.workers:
+                    self.workers[wid].requests.discard(request_id)
+
+    def _own(self, t: _Track, wid: str) -> None:
+        self.workers[wid].requests.add(t.request_id)
+
+    def _abort(self, t: _Track) -> None:
+        rid = t.request_id
+        if t.worker:
+            self._send(t.worker, P.Abort(rid))
+            return
+        if t.prefill_sent and t.decode in self.workers:
+            self._send(t.prefill, P.Abort(rid, decode_peer=self.workers[t.decode].peer))
+        if t.decode:
+            self._send(t.decode, P.Abort(rid, fenced=t.prefill_sent))
+
+    def _send(self, wid: str | None, msg) -> None:
+        w = self.workers.get(wid) if wid else None
+        if w is None or not w.alive:
+            return
+        try:
+            self.sock.send_multipart([wid.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %s: %s", type(msg).__name__, wid, e)
+
+    # -- messages from workers ---------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            ident, raw = (await self.sock.recv_multipart())[:2]
+            wid = ident.decode(errors="replace")
+            try:
+                msg = P.decode_to_router(raw)
+            except Exception as e:
+                log.error("dropped a malformed message from %s: %s", wid, e)
+                continue
+            try:
+                self._handle(wid, msg)
+            except Exception:  # one bad message must not stop the router
+                log.exception("handling %s from %s", type(msg).__name__, wid)
+
+    def _handle(self, wid: str, msg) -> None:
+        if isinstance(msg, P.Register):
+            self._register(wid, msg)
+            return
+        w = self.workers.get(wid)
+        if w is None or not w.alive:
+            return
+        w.last_seen = time.monotonic()
+        if isinstance(msg, P.Heartbeat):
+            w.stats = msg.stats
+        elif isinstance(msg, P.Outputs):
+            for d in msg.items:
+                t = self._tracks.get(d.request_id)
+                if t is not None:
+                    if d.handover is not None:
+                        d.handover.reserve_seconds = t.reserve_seconds
+                    t.queue.put_nowait(d)
+        elif isinstance(msg, P.Failed):
+            t = self._tracks.get(msg.request_id)
+            if t is not None:
+                t.queue.put_nowait(RequestFailed(msg.message))
+        elif isinstance(msg, P.Reserved):
+            t = self._tracks.get(msg.request_id)
+            if t is None or t.done or t.prefill not in self.workers:
+                self._send(wid, P.Abort(msg.request_id))  # nobody will write these blocks
+                return
+            self._send(t.prefill, P.Prefill(msg.request_id, t.prompt, P.Params.of(t.params),
+                                            w.peer, msg.block_ids))
+            t.prefill_sent = True
+            t.reserve_seconds = time.monotonic() - t.t_reserve
+
+    def _register(self, wid: str, msg: P.Register) -> None:
+        reason = None
+        if msg.worker_id != wid:
+            reason = f"worker id {msg.worker_id!r} does not match its socket identity {wid!r}"
+        elif wid in self.workers and self.workers[wid].alive:
+            reason = f"a live worker already uses the id {wid!r}"
+        elif msg.role not in ("colocated", "prefill", "decode"):
+            reason = f"unknown role {msg.role!r}"
+        elif msg.role == "decode" and not msg.data_addr:
+            reason = "a decode worker must announce its KV data address"
+        elif self.reference is not None:
+            ref = self.reference
+            if msg.model_name != ref.model_name:
+                reason = f"model {msg.model_name!r} differs from the deployment's {ref.model_name!r}"
+            elif msg.kv.mismatch(ref.kv):
+                reason = f"KV cache differs from the deployment's: {msg.kv.mismatch(ref.kv)}"
+            elif msg.max_model_len != ref.max_model_len:
+                reason = f"max_model_len {msg.max_model_len} differs from {ref.max_model_len}"
+        if reason:
+            log.error("refused worker %s: %s", wid, reason)
+            self.sock.send_multipart([wid.encode(), P.encode(P.Welcome(False, reason))])
+            return
+        if self.reference is None:
+            self.reference = msg
+        self.workers[wid] = WorkerHandle(msg, time.monotonic(), proc=self._procs.get(wid))
+        self.workers[wid].stats.kv_blocks_total = msg.num_blocks
+        self._send(wid, P.Welcome(True))
+        log.info("worker %s (%s, pid %d) registered", wid, msg.role, msg.pid)
+
+    # -- failure detection -------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if not w.alive:
+                    continue
+                exited = w.proc is not None and w.proc.poll() is not None
+                if exited or now - w.last_seen > self.heartbeat_timeout_s:
+                    why = (f"exited with code {w.proc.returncode}" if exited else
+                           f"silent for {now - w.last_seen:.1f} s")
+                    self._worker_died(w, why)
+
+    def _worker_died(self, w: WorkerHandle, why: str) -> None:
+        wid = w.info.worker_id
+        w.alive = False
+        self.dead.append(wid)
+        log.error("worker %s (%s) is gone: %s", wid, w.info.role, why)
+        for rid in list(w.requests):
+            t = self._tracks.get(rid)
+            if t is not None:
+                t.queue.put_nowait(RequestFailed(f"{w.info.role} worker {wid} died ({why})"))
+        for other in self.workers.values():
+            if other.alive:
+                self._send(other.info.worker_id, P.PeerGone(wid))

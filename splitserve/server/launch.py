@@ -1,0 +1,183 @@
+"""`splitserve serve`: the API server + router in this process, workers as child processes.
+
+    this process (asyncio)           children (one per worker, pinned to their own cores)
+      uvicorn ── FastAPI app           splitserve worker --role prefill --cores 0 ...
+      Conductor ◄── ZeroMQ ──────────► splitserve worker --role decode  --cores 1 ...
+
+Workers started elsewhere (`splitserve worker --router HOST:PORT`) register with the same
+router socket (bind it beyond loopback with --router-bind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+
+log = logging.getLogger("splitserve.serve")
+
+
+def split_cores(n_workers: int, cores: list[int] | None = None) -> list[list[int]]:
+    """Cores for each worker: contiguous, even shares; when there are fewer cores than workers,
+    workers share single cores round-robin."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if n_workers <= len(cores):
+        per, extra = divmod(len(cores), n_workers)
+        out, i = [], 0
+        for w in range(n_workers):
+            k = per + (w < extra)
+            out.append(cores[i:i + k])
+            i += k
+        return out
+    return [[cores[w % len(cores)]] for w in range(n_workers)]
+
+
+def parse_core_lists(spec: str) -> list[list[int]]:
+    """'0-3;4,5' -> [[0, 1, 2, 3], [4, 5]] (one group per worker)."""
+    groups = []
+    for group in spec.split(";"):
+        cores = []
+        for part in group.split(","):
+            a, _, b = part.partition("-")
+            cores.extend(range(int(a), int(b or a) + 1))
+        groups.append(cores)
+    return groups
+
+
+def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int], a) -> list[str]:
+    cmd = [sys.executable, "-m", "splitserve.cli", "worker", "--role", role, "--router", router_addr,
+           "--worker-id", worker_id, "--cores", ",".join(map(str, cores)),
+           "--parent-pid", str(os.getpid()), "--kv-transport", a.kv_transport,
+           "--kv-timeout", str(a.kv_timeout), "--model", a.model, "--dtype", a.dtype,
+           "--device", a.device, "--threads", str(a.threads or len(cores)),
+           "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+           "--max-num-seqs", str(a.max_num_seqs), "--kv-cache-gb", str(a.kv_cache_gb)]
+    if a.quantization:
+        cmd += ["--quantization", a.quantization]
+    if a.no_fast_linear:
+        cmd.append("--no-fast-linear")
+    if a.no_chunked_prefill:
+        cmd.append("--no-chunked-prefill")
+    if a.max_model_len:
+        cmd += ["--max-model-len", str(a.max_model_len)]
+    if a.num_blocks:
+        cmd += ["--num-blocks", str(a.num_blocks)]
+    return cmd
+
+
+async def serve(a) -> int:
+    import uvicorn
+
+    from splitserve.router.conductor import Conductor
+    from splitserve.server.openai_api import build_app
+
+    if a.colocated:
+        roles = ["colocated"] * a.colocated
+    else:
+        roles = ["prefill"] * a.prefill + ["decode"] * a.decode
+    core_groups = parse_core_lists(a.worker_cores) if a.worker_cores else split_cores(len(roles))
+    if len(core_groups) != len(roles):
+        raise SystemExit(f"--worker-cores names {len(core_groups)} groups for {len(roles)} workers")
+    served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
+    conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout)
+    await conductor.start()
+    procs = []
+    for i, (role, cores) in enumerate(zip(roles, core_groups)):
+        wid = f"{role}-{i}"
+        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a), stdin=subprocess.DEVNULL)
+        conductor.attach_process(wid, proc)
+        procs.append(proc)
+        log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)
+    app = build_app(conductor, served, api_key=a.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                           timeout_graceful_shutdown=2))
+
+    async def announce():
+        while not conductor.is_ready():
+            if all(p.poll() is not None for p in procs) and procs:
+                log.error("every worker exited; see their errors above")
+                server.should_exit = True
+                return
+            await asyncio.sleep(0.2)
+        print(f"splitserve: serving {served!r} on http://{a.host}:{a.port}/v1 with "
+              f"{', '.join(roles)} workers (router {conductor.addr})", file=sys.stderr, flush=True)
+
+    task = asyncio.create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        task.cancel()
+        await conductor.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return 0
+
+
+def add_serve_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="API address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (P/D mode)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (P/D mode)")
+    p.add_argument("--colocated", type=int, default=0,
+                   help="run N co-located workers instead of P/D (for comparison)")
+    p.add_argument("--worker-cores", default=None,
+                   help="cores per worker, e.g. '0;1' or '0-3;4-7' (default: split evenly)")
+    p.add_argument("--router-bind", default="tcp://127.0.0.1:0",
+                   help="the router's control socket (bind beyond loopback for remote workers)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds of silence after which a worker counts as dead")
+    p.add_argument("--log-level", default="warning")
+
+
+def add_worker_args(p) -> None:
+    """Flags every worker takes (serve passes them on)."""
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
+                   help="KV hand-over: shm (same host), tcp (any host), auto (shm when possible)")
+    p.add_argument("--kv-timeout", type=float, default=30.0,
+                   help="seconds from reservation to a complete KV hand-over before the request fails")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill priority (vLLM v0 style) instead of Sarathi-style chunking")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def run_serve(a) -> int:
+    logging.basicConfig(level=logging.INFO if a.log_level in ("info", "debug") else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if a.colocated and (a.prefill != 1 or a.decode != 1):
+        raise SystemExit("--colocated replaces --prefill/--decode; give one or the other")
+    if not a.colocated and (a.prefill < 1 or a.decode < 1):
+        raise SystemExit("P/D mode needs --prefill >= 1 and --decode >= 1")
+    try:
+        return asyncio.run(serve(a))
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_worker_cli(a) -> int:
+    from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from splitserve.disagg.worker import WorkerConfig, run_worker
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {a.worker_id or a.role} "
+                        "%(levelname)s %(message)s")
+    router = a.router if a.router.startswith("tcp://") else f"tcp://{a.router}"
+    cores = tuple(parse_core_lists(a.cores)[0]) if a.cores else None
+    ec = EngineConfig(
+        model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
+        num_threads=a.threads or (len(cores) if cores else None), fast_linear=not a.no_fast_linear,
+        max_model_len=a.max_model_len,
+        cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb),
+        scheduler=SchedulerConfig(max_num_batched_tokens=a.max_num_batched_tokens,
+                                  max_num_seqs=a.max_num_seqs,
+                                  chunked_prefill=not a.no_chunked_prefill, role=a.role))
+    cfg = WorkerConfig(a.role, router, ec, a.worker_id or "", a.kv_transport, a.kv_timeout,
+                       a.data_host, cores, a.parent_pid)
+    return run_worker(cfg)
