@@ -81,6 +81,8 @@ class WorkerStats(msgspec.Struct):
     kv_transfer_seconds: float = 0.0  # time spent writing KV (prefill) / in hand-overs (decode)
     kv_transfers: int = 0
     steps: int = 0
+    # the block pool's integrity check, run whenever the worker is idle; > 0 means a bug
+    integrity_errors: int = 0
 
 
 class DecodePeer(msgspec.Struct, frozen=True):

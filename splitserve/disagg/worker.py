@@ -234,6 +234,13 @@ class Worker:
             st.kv_transfer_seconds = sum(s.seconds for s in self.senders.values()) + self._closed_seconds
         if self.receiver is not None:
             st.kv_bytes_received = self.receiver.bytes_received
+        if not (eng.has_unfinished() or self.pending or self.reservations or self.targets):
+            try:
+                eng.check_integrity()
+                assert st.kv_blocks_used == 0, f"{st.kv_blocks_used} blocks in use while idle"
+            except AssertionError as e:
+                st.integrity_errors += 1
+                log.error("block pool integrity check failed: %s", e)
         self._send(P.Heartbeat(st))
 
     _closed_bytes = 0

@@ -160,7 +160,8 @@ class Conductor:
             {"worker_id": w.info.worker_id, "role": w.info.role, "pid": w.info.pid,
              "alive": w.alive, "running": w.stats.running, "waiting": w.stats.waiting,
              "kv_blocks_used": w.stats.kv_blocks_used, "kv_blocks_total": w.stats.kv_blocks_total,
-             "outstanding": len(w.requests), "kv_transport": w.info.transport}
+             "outstanding": len(w.requests), "kv_transport": w.info.transport,
+             "integrity_errors": w.stats.integrity_errors}
             for w in self.workers.values()], "dead": list(self.dead)}
 
     def worker_stats(self) -> list[dict]:
