@@ -1,0 +1,79 @@
+"""Start `splitserve serve` as a real subprocess (router + worker processes) for end-to-end
+tests, and read its workers' state back from /health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    # small pools and budgets keep several servers cheap; 64-token chunks make every longer
+    # prompt a chunked prefill (and its KV a layer-by-layer, chunk-by-chunk transfer)
+    COMMON = ["--threads", "1", "--kv-cache-gb", "0.05", "--max-num-batched-tokens", "64"]
+
+    def __init__(self, *args: str, ready_timeout_s: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(self.port),
+               *self.COMMON, *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`{' '.join(cmd)}` exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json().get("status") == "ok":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise RuntimeError(f"server not ready within {ready_timeout_s} s")
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def workers(self, role: str | None = None) -> list[dict]:
+        return [w for w in self.health()["workers"] if role is None or w["role"] == role]
+
+    def wait_idle(self, timeout_s: float = 10.0) -> list[dict]:
+        """Every live worker idle with no block in use (as its next heartbeats report)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ws = [w for w in self.workers() if w["alive"]]
+            idle = all(w["kv_blocks_used"] == 0 and w["running"] == 0 and w["waiting"] == 0
+                       and w["outstanding"] == 0 for w in ws)
+            if idle:
+                time.sleep(1.2)  # two more heartbeats: still idle, and their integrity checks ran
+                ws = [w for w in self.workers() if w["alive"]]
+                if all(w["kv_blocks_used"] == 0 for w in ws):
+                    return ws
+            if time.monotonic() > deadline:
+                return ws
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

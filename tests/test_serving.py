@@ -1,0 +1,224 @@
+"""End to end through real processes: `splitserve serve` (router + workers) on the embedded
+model, driven by the official `openai` client.
+
+Greedy (and seeded) output must be identical between the offline engine, --colocated, and P/D
+over each KV transport; aborts at each stage and dead or stalled workers must leave no block
+held anywhere (the workers' own pool integrity checks report through /health)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from serving_harness import Server
+
+pytestmark = pytest.mark.real_model
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+# ~230 tokens: four 64-token prefill chunks, so the KV goes over layer by layer, chunk by chunk
+LONG = ("The history of the printing press begins in the fifteenth century, when Johannes "
+        "Gutenberg combined movable metal type, oil-based ink and a screw press. ") * 8 + \
+       "In summary, the printing press"
+MODES = {
+    "colocated": ["--colocated", "1"],
+    "shm": ["--kv-transport", "shm"],
+    "tcp": ["--kv-transport", "tcp"],
+}
+
+
+@pytest.fixture(scope="module")
+def offline(real_model_path):
+    """What the offline engine says, with the servers' engine settings (bf16, 1 thread,
+    64-token chunks)."""
+    from splitserve.config import EngineConfig, SchedulerConfig
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.request import SamplingParams
+
+    eng = LLMEngine(EngineConfig(num_threads=1, scheduler=SchedulerConfig(max_num_batched_tokens=64)))
+
+    def run(prompt_ids, **kw):
+        eng.add_request(prompt_ids, SamplingParams(**kw))
+        text = ""
+        while eng.has_unfinished():
+            for o in eng.step():
+                text += o.new_text
+        return text
+
+    greedy = dict(temperature=0.0, max_tokens=32)
+    seeded = dict(temperature=0.8, top_p=0.95, seed=1234, max_tokens=24)
+    out = {
+        "chat": run(eng.apply_chat_template(CHAT), **greedy),
+        "long": run(eng.encode(LONG), **greedy),
+        "seeded": run(eng.encode(LONG), **seeded),
+    }
+    assert out["chat"] and out["long"] and out["seeded"]
+    return out
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def server(request, real_model_path):
+    s = Server(*MODES[request.param], "--kv-cache-gb", "0.08")
+    yield s
+    s.close()
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_greedy_and_seeded_output_match_the_offline_engine(server, offline):
+    c = _client(server)
+    chat = c.chat.completions.create(model="default", messages=CHAT, temperature=0, max_tokens=32)
+    assert chat.choices[0].message.content == offline["chat"]
+    stream = c.chat.completions.create(model="default", messages=CHAT, temperature=0, max_tokens=32,
+                                       stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == offline["chat"]
+
+    for _ in range(2):  # the second time the prompt's blocks are prefix-cache hits
+        comp = c.completions.create(model="default", prompt=LONG, temperature=0, max_tokens=32)
+        assert comp.choices[0].text == offline["long"]
+        assert comp.usage.completion_tokens == 32 and comp.choices[0].finish_reason == "length"
+    stream = c.completions.create(model="default", prompt=LONG, temperature=0, max_tokens=32,
+                                  stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == offline["long"]
+    assert chunks[-1].usage.completion_tokens == 32
+
+    seeded = c.completions.create(model="default", prompt=LONG, temperature=0.8, top_p=0.95,
+                                  seed=1234, max_tokens=24)
+    assert seeded.choices[0].text == offline["seeded"]
+    ws = server.wait_idle()
+    assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+
+
+def _wait_for(cond, timeout_s=20.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_aborts_mid_prefill_mid_transfer_and_mid_decode_free_every_block(server):
+    long_prompt = LONG * 6  # ~1400 tokens: a prefill of seconds at one thread
+    body = {"model": "default", "prompt": long_prompt, "max_tokens": 200, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    pd = server.workers("decode") != []
+
+    def busy():
+        ws = server.workers()
+        if pd:  # mid-transfer: decode holds the reservation while prefill is still writing it
+            dec, pre = server.workers("decode")[0], server.workers("prefill")[0]
+            return dec["kv_blocks_used"] > 0 and pre["running"] > 0
+        return ws[0]["running"] > 0 and ws[0]["kv_blocks_used"] > 0
+
+    # mid-prefill (and, in P/D, mid-transfer): drop the connection before the first token
+    with httpx.Client(timeout=60) as h, h.stream("POST", server.base_url + "/completions", json=body) as r:
+        assert r.status_code == 200
+        _wait_for(busy, what="the prefill to be under way")
+    ws = server.wait_idle()
+    assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+
+    # mid-decode: read a few tokens, then go away
+    body["prompt"] = LONG
+    with httpx.Client(timeout=60) as h, h.stream("POST", server.base_url + "/completions", json=body) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got += 1
+            if got >= 5:
+                break
+    ws = server.wait_idle()
+    assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+
+    # still serving
+    c = _client(server)
+    assert c.completions.create(model="default", prompt="Hello", max_tokens=4).choices[0].text
+
+
+def test_prompt_over_the_context_is_a_400(server):
+    r = httpx.post(server.base_url + "/completions",
+                   json={"model": "default", "prompt": "hi " * 9000, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "context" in r.json()["error"]["message"]
+
+
+def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_served(real_model_path):
+    s = Server("--prefill", "1", "--decode", "2")
+    try:
+        c = _client(s)
+        errors, texts = [], []
+
+        def victim():
+            try:
+                for _ in c.completions.create(model="default", prompt="Count: one, two,",
+                                              max_tokens=1000, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True}):
+                    pass
+            except openai.APIError as e:
+                errors.append((time.monotonic(), e))
+
+        t = threading.Thread(target=victim)
+        t.start()
+        _wait_for(lambda: any(w["outstanding"] for w in s.workers("decode")), what="the request")
+        # a second request goes to the other decode worker (least outstanding)
+        bystander = threading.Thread(target=lambda: texts.append(c.completions.create(
+            model="default", prompt="The sky is", max_tokens=40, temperature=0,
+            extra_body={"ignore_eos": True}).choices[0].text))
+        bystander.start()
+        _wait_for(lambda: all(w["outstanding"] for w in s.workers("decode")), what="both decoding")
+        time.sleep(0.5)
+        target = next(w for w in s.workers("decode") if w["outstanding"]
+                      and w["worker_id"] == _victim_worker(s))
+        t_kill = time.monotonic()
+        os.kill(target["pid"], signal.SIGKILL)
+        t.join(30)
+        bystander.join(60)
+        assert errors, "the client of the killed worker got no error"
+        assert errors[0][0] - t_kill < 5.0
+        assert "died" in str(errors[0][1])
+        assert texts and texts[0]
+        after = c.completions.create(model="default", prompt="Hello there", max_tokens=8, temperature=0)
+        assert after.choices[0].text
+        assert s.health()["status"] == "degraded"
+        ws = s.wait_idle()
+        assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+    finally:
+        s.close()
+
+
+def _victim_worker(s: Server) -> str:
+    """The decode worker holding the older (long) request: the one whose outstanding request
+    has produced the most tokens, i.e. the one with more blocks in use."""
+    return max(s.workers("decode"), key=lambda w: w["kv_blocks_used"])["worker_id"]
+
+
+def test_a_stalled_prefill_worker_fails_the_transfer_by_timeout_and_frees_its_blocks(real_model_path):
+    s = Server("--kv-timeout", "2")
+    try:
+        pre = s.workers("prefill")[0]
+        os.kill(pre["pid"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(s.base_url + "/completions", timeout=30,
+                           json={"model": "default", "prompt": "Hello", "max_tokens": 4})
+            elapsed = time.monotonic() - t0
+        finally:
+            os.kill(pre["pid"], signal.SIGCONT)
+        assert r.status_code == 500, r.text
+        assert "did not complete within 2 s" in r.json()["error"]["message"]
+        assert elapsed < 6.0
+        # the decode worker held the blocks until the prefill worker's fence said no write of
+        # its is left; then everything is free, and the deployment serves again
+        ws = s.wait_idle()
+        assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+        ok = httpx.post(s.base_url + "/completions", timeout=60,
+                        json={"model": "default", "prompt": "Hello", "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+    finally:
+        s.close()
