@@ -67,6 +67,12 @@ def cmd_bench_engine(a) -> int:
     return bench_main(a)
 
 
+def cmd_bench_handover(a) -> int:
+    from splitserve.bench.handover import main as bench_main
+
+    return bench_main(a)
+
+
 def cmd_serve(a) -> int:
     from splitserve.server.launch import run_serve
 
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_args(be)
     be.set_defaults(func=cmd_bench_engine)
+    bh = bsub.add_parser("handover", help="the KV hand-over's share of P/D request latency, per transport")
+    _engine_args(bh)
+    from splitserve.bench.handover import add_args as add_handover_args
+
+    add_handover_args(bh)
+    bh.set_defaults(func=cmd_bench_handover)
     return p
 
 
