@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make generate   - installs what it needs, then generates text with the embedded default model
+#   make serve      - installs what it needs, then serves the embedded default model (P/D)
 #   make test       - installs what it needs, then runs the test suite
 PY      ?= python3
 VENV    ?= .venv
@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 PROMPT  ?= Explain in two sentences why the sky is blue.
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test generate test bench lint clean
+.PHONY: install install-test serve generate test bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/splitserve serve
 
 generate: install
 	$(BIN)/splitserve generate --prompt "$(PROMPT)"

@@ -222,3 +222,33 @@ def test_a_stalled_prefill_worker_fails_the_transfer_by_timeout_and_frees_its_bl
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
     finally:
         s.close()
+
+
+def test_a_worker_started_elsewhere_registers_and_a_mismatched_one_is_refused(real_model_path):
+    import subprocess
+    import sys
+
+    from serving_harness import free_port
+
+    port = free_port()
+    s = Server("--colocated", "1", "--router-bind", f"tcp://127.0.0.1:{port}")
+    extra = []
+    try:
+        base = [sys.executable, "-m", "splitserve.cli", "worker", "--router", f"127.0.0.1:{port}",
+                "--threads", "1", "--kv-cache-gb", "0.05", "--max-num-batched-tokens", "64"]
+        extra.append(subprocess.Popen(base + ["--role", "colocated", "--worker-id", "remote-1"],
+                                      stdin=subprocess.DEVNULL))
+        _wait_for(lambda: len(s.workers()) == 2, timeout_s=90, what="the second worker")
+        c = _client(s)
+        out = c.completions.create(model="default", prompt="Hello", max_tokens=4, n=4, temperature=0)
+        assert len({ch.text for ch in out.choices}) == 1  # both workers, same greedy text
+        bad = subprocess.run(base + ["--role", "decode", "--dtype", "float32", "--worker-id", "fp32"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2
+        assert "refused" in bad.stderr and "dtype" in bad.stderr, bad.stderr
+        assert len(s.workers()) == 2
+    finally:
+        for p in extra:
+            p.terminate()
+            p.wait(20)
+        s.close()

@@ -190,7 +190,10 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        # Ctrl-C at a terminal reaches the whole process group: stop cleanly like on SIGTERM
+        # (the pool file is unlinked in close())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "running", False))
         self.register()
         last_hb = 0.0
         try:

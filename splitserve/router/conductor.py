@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -345,3 +346,6 @@ class Conductor:
         for other in self.workers.values():
             if other.alive:
                 self._send(other.info.worker_id, P.PeerGone(wid))
+        if w.info.shm_path and w.proc is not None:  # a child of ours cannot unlink its pool now
+            with contextlib.suppress(OSError):
+                os.unlink(w.info.shm_path)

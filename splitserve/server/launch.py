@@ -46,6 +46,21 @@ def parse_core_lists(spec: str) -> list[list[int]]:
     return groups
 
 
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs workers may use: none unless the device is auto/cuda and CUDA sees some."""
+    if device not in ("auto", "cuda") and not device.startswith("cuda"):
+        return []
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g.strip() for g in listed.split(",") if g.strip()] if listed else []
+    return ids[:n] if ids else [str(i) for i in range(n)]
+
+
 def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int], a) -> list[str]:
     cmd = [sys.executable, "-m", "splitserve.cli", "worker", "--role", role, "--router", router_addr,
            "--worker-id", worker_id, "--cores", ",".join(map(str, cores)),
@@ -83,10 +98,15 @@ async def serve(a) -> int:
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout)
     await conductor.start()
+    gpus = visible_gpus(a.device)
     procs = []
     for i, (role, cores) in enumerate(zip(roles, core_groups)):
         wid = f"{role}-{i}"
-        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a), stdin=subprocess.DEVNULL)
+        env = dict(os.environ)
+        if gpus:  # one GPU per worker (shared round-robin when there are fewer GPUs)
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a),
+                                stdin=subprocess.DEVNULL, env=env)
         conductor.attach_process(wid, proc)
         procs.append(proc)
         log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)

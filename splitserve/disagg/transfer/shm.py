@@ -8,6 +8,7 @@ a prefill worker that maps it checks it agrees with what the decode worker annou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -72,10 +73,27 @@ def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_id
 MAX_RUNS = 4
 
 
+def remove_stale_pools(directory: str = SHM_DIR) -> None:
+    """Unlink pool files whose decode worker (the pid in the name) is gone: a worker that was
+    killed cannot unlink its own."""
+    import glob
+
+    for path in glob.glob(os.path.join(directory, "splitserve-kv-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
 def create_pool(spec: P.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tuple[str, torch.Tensor]:
     """Decode worker: a new zero-filled pool file; returns its path and the mapped tensor."""
     if not os.path.isdir(directory):
         raise TransferError(f"shared-memory directory {directory} does not exist (use --kv-transport tcp)")
+    remove_stale_pools(directory)
     path = os.path.join(directory, f"splitserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     header = json.dumps({"kv": {f: getattr(spec, f) for f in spec.__struct_fields__},
                          "num_blocks": num_blocks}).encode()
