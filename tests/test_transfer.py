@@ -40,7 +40,8 @@ class _Decode:
         if tensor is not None:
             self.cache.adopt(tensor)
         self.held: dict[str, list[int]] = {}
-        self.rx = KVReceiver(ctx, self.cache, SPEC, "127.0.0.1", self.held.get)
+        self.rx = KVReceiver(ctx, self.cache, SPEC, "127.0.0.1",
+                             lambda rid, sender: self.held.get(rid) if sender == "prefill-0" else None)
         self.peer = P.DecodePeer("decode-0", self.rx.addr, "h", SPEC, NUM_BLOCKS, shm_path)
 
     def pump(self, want: int, timeout_s: float = 5.0):
@@ -141,6 +142,20 @@ def test_tcp_layers_for_blocks_not_held_are_dropped(ctx):
     notices = dec.pump(1)
     assert isinstance(notices[0], P.KVFence)
     assert dec.rx.dropped_layers == 2 and not dec.cache.kv.any()
+    assert dec.rx.bad == {"r1"}  # r1's hand-over is broken: its KVDone must not admit it
+    # a sender that is not the request's writer, or skipped the handshake, is not heard
+    with _Handshaking(dec):
+        intruder = TcpSender(ctx, "prefill-9", dec.peer, SPEC, src)
+    intruder.write_layer("r1", 0, [1], [5])
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(dec.rx.addr)
+    raw.send(P.encode(P.KVFence("r1")))
+    intruder.fence("r1")
+    got = dec.pump(1)
+    assert [type(m) for m in got] == [P.KVFence]  # only the intruder's (it did say Hello)
+    assert dec.rx.dropped_layers == 3 and not dec.cache.kv.any()
+    raw.close(0)
+    intruder.close()
     sender.close()
     dec.rx.close()
 

@@ -8,7 +8,9 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
     worker                      router
       Register  ──────────────►         (model, KV spec, role, where its KV can be written)
                 ◄──────────────  Welcome (accepted, or refused with a reason)
-      Heartbeat ──────────────►         (every ~0.5 s: load and KV stats)
+      Heartbeat ──────────────►         (every ~0.5 s, own thread and socket: load, KV stats)
+                ◄──────────────  Ping    (renews the worker's lease; Shutdown to a worker
+                                          already declared dead)
 
     colocated:  Generate ─► worker ─► Outputs ... (last one finished) ─► router
     P/D:        Reserve ─► decode ─► Reserved(block ids) ─► router ─► Prefill(peer, block ids)
@@ -115,9 +117,20 @@ class Register(msgspec.Struct, tag=True):
 class Welcome(msgspec.Struct, tag=True):
     accepted: bool
     reason: str = ""
+    # A prefill worker that has not heard from the router for this long stops writing KV
+    # (the router declares a silent worker dead after twice this, and the decode workers
+    # then free the blocks it was writing).
+    lease_s: float = 5.0
+
+
+class Ping(msgspec.Struct, tag=True):
+    """The router's answer to each heartbeat: the worker's lease is renewed."""
 
 
 class Heartbeat(msgspec.Struct, tag=True):
+    """Sent every ~0.5 s by the worker's heartbeat thread, on its own socket (identity
+    "<worker id>/hb"), so that a long engine step does not look like a dead worker."""
+
     stats: WorkerStats
 
 
@@ -142,7 +155,6 @@ class Reserve(msgspec.Struct, tag=True):
 class Reserved(msgspec.Struct, tag=True):
     request_id: str
     block_ids: list[int]
-    t_reserved: float  # monotonic, decode worker's clock
 
 
 class Prefill(msgspec.Struct, tag=True):
@@ -251,7 +263,7 @@ class KVFence(msgspec.Struct, tag=True):
     request_id: str
 
 
-ToWorker = Welcome | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
+ToWorker = Welcome | Ping | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
 ToRouter = Register | Heartbeat | Reserved | Outputs | Failed
 DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence
 

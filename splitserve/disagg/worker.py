@@ -6,9 +6,12 @@ fence notices), then runs one step and sends the step's outputs. A prefill worke
 calls `_on_layer` from inside the forward pass, as each layer's K/V lands in its cache.
 
 A decode worker's reserved blocks are written by someone else (one-sided, like RDMA), so once a
-prefill worker may be writing them they are never freed until that worker says it has stopped
-(KVDone or KVFence) or is gone: freeing them early could let late writes land in blocks that
-another request owns by then.
+prefill worker may be writing them they are not freed until that worker says it has stopped
+(KVDone or KVFence), or the router declares it dead (PeerGone), or FENCE_MAX_S pass: freeing
+them early could let late writes land in blocks that another request owns by then. A prefill
+worker writes only while it holds a lease (the router answered a heartbeat within `lease_s`,
+half the router's dead-worker timeout), so by the time the router declares it dead it has
+stopped writing, even if it was only stalled.
 
     reservation:  Reserve ─► pending (no blocks yet) ─► waiting_kv (blocks held, deadline)
                     ─► KVDone: admitted, decoding
@@ -21,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -85,7 +89,7 @@ class _Target:
 
 @dataclass
 class _Reservation:
-    """Decode side: a request whose KV is expected from `prefill_id`."""
+    """Decode side: a request whose KV is expected from msg.prefill_worker_id."""
 
     msg: P.Reserve
     deadline: float = 0.0
@@ -111,22 +115,30 @@ class Worker:
             # the written blocks would only keep stale hashes alive
             ec = EngineConfig(**{**ec.__dict__, "cache": CacheConfig(
                 **{**ec.cache.__dict__, "enable_prefix_caching": False})})
-        self.engine = LLMEngine(ec)
+        if cfg.role == "decode" and cfg.data_host in ("*", "0.0.0.0", "::", ""):
+            raise SplitServeError(f"--data-host {cfg.data_host!r} is not an address prefill workers "
+                                  "can connect to; give this host's IP")
+        self.shm_path: str | None = None
+        want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
+        self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
-        self.spec = P.KVSpec(eng.model_id, ec.dtype, eng.kv_cache.block_size,
-                             eng.model_config.num_layers, eng.model_config.num_kv_heads,
-                             eng.model_config.head_dim)
+        self.spec = self._kv_spec(eng)
         self.host = host_identity()
         self.ctx = zmq.Context.instance()
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self.ctrl.setsockopt(zmq.LINGER, 1000)
+        self.ctrl.setsockopt(zmq.SNDHWM, 0)  # never block the engine loop on a slow router
         self.ctrl.connect(cfg.router_addr)
+        # the lease: a prefill worker writes KV only while the router answers its heartbeats
+        self.lease_s = 5.0
+        self.router_seen = time.monotonic()
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.stats = P.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
+        # counters of senders already closed (their peer died)
+        self._closed_bytes, self._closed_seconds, self._closed_transfers = 0, 0.0, 0
         self.running = True
-        self.shm_path: str | None = None
         self.receiver = None
         # prefill
         self.targets: dict[str, _Target] = {}
@@ -140,40 +152,61 @@ class Worker:
             eng.kv_layer_hook = self._on_layer
 
     # -- set-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _kv_spec(eng: LLMEngine) -> P.KVSpec:
+        mc = eng.model_config
+        return P.KVSpec(eng.model_id, eng.config.dtype, eng.config.cache.block_size,
+                        mc.num_layers, mc.num_kv_heads, mc.head_dim)
+
+    def _shm_pool(self, eng: LLMEngine, num_blocks: int):
+        """Decode worker: the KV pool in shared memory (allocated there from the start)."""
+        from splitserve.disagg.transfer.shm import create_pool
+
+        if eng.device.type != "cpu":
+            if self.cfg.kv_transport == "shm":
+                raise SplitServeError("--kv-transport shm needs the KV pool in host memory; "
+                                      f"this worker runs on {eng.device} (use tcp)")
+            return None
+        try:
+            self.shm_path, tensor = create_pool(self._kv_spec(eng), num_blocks)
+            return tensor
+        except TransferError:
+            if self.cfg.kv_transport == "shm":
+                raise
+            log.warning("no shared-memory KV pool; prefill workers will send KV over tcp")
+            return None
+
     def _setup_decode(self) -> None:
         from splitserve.disagg.transfer.receiver import KVReceiver
 
-        if self.cfg.kv_transport in ("auto", "shm") and self.engine.device.type == "cpu":
-            from splitserve.disagg.transfer.shm import create_pool
-
-            try:
-                self.shm_path, tensor = create_pool(self.spec, self.engine.kv_cache.num_blocks)
-                self.engine.kv_cache.adopt(tensor)
-            except TransferError:
-                if self.cfg.kv_transport == "shm":
-                    raise
-                log.warning("no shared-memory KV pool; prefill workers will send KV over tcp")
         self.receiver = KVReceiver(self.ctx, self.engine.kv_cache, self.spec, self.cfg.data_host,
                                    self._reserved_blocks)
         self.poller.register(self.receiver.sock, zmq.POLLIN)
 
-    def _reserved_blocks(self, request_id: str) -> list[int] | None:
-        if request_id not in self.reservations:
+    def _reserved_blocks(self, request_id: str, sender_id: str) -> list[int] | None:
+        """Blocks a tcp layer of request_id from sender_id may be written into, or None."""
+        r = self.reservations.get(request_id)
+        if r is None or r.fenced_at is not None or r.msg.prefill_worker_id != sender_id:
             return None
         return self.engine.kv_manager.block_ids(request_id)
 
     def register(self) -> None:
         eng = self.engine
+        transport = self.cfg.kv_transport
+        if self.role == "decode":
+            transport = "shm" if self.shm_path else "tcp"
         self._send(P.Register(
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
-            self.cfg.kv_transport, self.receiver.addr if self.receiver else None, self.shm_path))
+            transport, self.receiver.addr if self.receiver else None, self.shm_path))
         if not self.ctrl.poll(int(self.cfg.register_timeout_s * 1000)):
             raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
                                   f"{self.cfg.register_timeout_s:.0f} s")
         msg = P.decode_to_worker(self.ctrl.recv())
         if not isinstance(msg, P.Welcome) or not msg.accepted:
             raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
+        self.lease_s = msg.lease_s
+        self.router_seen = time.monotonic()
 
     def close(self) -> None:
         for s in self.senders.values():
@@ -194,9 +227,11 @@ class Worker:
         # (the pool file is unlinked in close())
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "running", False))
-        self.register()
-        last_hb = 0.0
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        last_stats = 0.0
         try:
+            self.register()
+            hb.start()
             while self.running:
                 busy = self.engine.has_unfinished()
                 timeout = 0 if busy else 50
@@ -212,14 +247,51 @@ class Worker:
                 if self.engine.has_unfinished():
                     self._step()
                 now = time.monotonic()
-                if now - last_hb >= HEARTBEAT_S:
-                    self._heartbeat()
-                    last_hb = now
+                if now - last_stats >= HEARTBEAT_S:
+                    self._update_stats()
+                    last_stats = now
                     if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
                         log.warning("parent %s is gone; exiting", self.cfg.parent_pid)
                         break
         finally:
+            self.running = False
+            if hb.is_alive():
+                hb.join(2)
             self.close()
+
+    def _heartbeat_loop(self) -> None:
+        """Own thread, own socket: heartbeats go out during long engine steps too (torch and
+        the C kernels release the GIL), and the router's Ping renews the lease."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.worker_id}/hb".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)  # a heartbeat nobody reads is worthless: drop it
+        sock.connect(self.cfg.router_addr)
+        try:
+            while self.running:
+                try:
+                    sock.send(P.encode(P.Heartbeat(self.stats)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                deadline = time.monotonic() + HEARTBEAT_S
+                while self.running and (left := deadline - time.monotonic()) > 0:
+                    if not sock.poll(int(left * 1000) + 1):
+                        continue
+                    try:
+                        msg = P.decode_to_worker(sock.recv())
+                    except Exception:
+                        continue
+                    if isinstance(msg, P.Ping):
+                        self.router_seen = time.monotonic()
+                    elif isinstance(msg, P.Shutdown):
+                        log.error("the router declared this worker dead; exiting")
+                        self.router_seen = float("-inf")
+                        self.running = False
+        finally:
+            sock.close(linger=0)
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() - self.router_seen < self.lease_s
 
     def _send(self, msg) -> None:
         self.ctrl.send(P.encode(msg))
@@ -227,14 +299,16 @@ class Worker:
     def _fail(self, request_id: str, message: str) -> None:
         self._send(P.Failed(request_id, message))
 
-    def _heartbeat(self) -> None:
+    def _update_stats(self) -> None:
+        """Refresh the numbers the heartbeat thread sends; when idle, check the block pool."""
         eng, st = self.engine, self.stats
         st.running = len(eng.scheduler.running)
         st.waiting = len(eng.scheduler.waiting) + len(self.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
-        if self.senders or self.role == "prefill":
+        if self.role == "prefill":
             st.kv_bytes_sent = sum(s.bytes_sent for s in self.senders.values()) + self._closed_bytes
             st.kv_transfer_seconds = sum(s.seconds for s in self.senders.values()) + self._closed_seconds
+            st.kv_transfers = sum(s.transfers for s in self.senders.values()) + self._closed_transfers
         if self.receiver is not None:
             st.kv_bytes_received = self.receiver.bytes_received
         if not (eng.has_unfinished() or self.pending or self.reservations or self.targets):
@@ -244,10 +318,6 @@ class Worker:
             except AssertionError as e:
                 st.integrity_errors += 1
                 log.error("block pool integrity check failed: %s", e)
-        self._send(P.Heartbeat(st))
-
-    _closed_bytes = 0
-    _closed_seconds = 0.0
 
     def _drain_ctrl(self) -> None:
         while True:
@@ -261,8 +331,17 @@ class Worker:
                 log.error("dropped a malformed control message: %s", e)
                 continue
             handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
-            if handler is not None:
+            if handler is None:
+                continue
+            try:
                 handler(msg)
+            except Exception as e:  # one bad request must not take the worker down
+                log.exception("handling %s", type(msg).__name__)
+                rid = getattr(msg, "request_id", None)
+                if rid is not None:
+                    self.engine.abort_request(rid)
+                    self.targets.pop(rid, None)
+                    self._fail(rid, f"{type(msg).__name__} failed on {self.worker_id}: {e}")
 
     def _on_shutdown(self, msg: P.Shutdown) -> None:
         self.running = False
@@ -281,10 +360,13 @@ class Worker:
         self.engine.abort_request(rid)
         target = self.targets.pop(rid, None)
         peer = target.peer if target else msg.decode_peer
-        if self.role == "prefill" and peer is not None:
-            # the decode worker keeps the blocks until it knows no write of ours is left
+        sender = self.senders.get(peer.worker_id) if self.role == "prefill" and peer else None
+        if sender is not None:
+            # the decode worker keeps the blocks until it knows no write of ours is left. No
+            # connection, no write ever went out: the decode worker learns that from PeerGone
+            # or the fence deadline, never from a blocking connect here.
             try:
-                self._sender(peer).fence(rid)
+                sender.fence(rid)
             except TransferError as e:
                 log.warning("could not fence %s at %s: %s", rid, peer.worker_id, e)
 
@@ -293,7 +375,10 @@ class Worker:
         if s is not None:
             self._closed_bytes += s.bytes_sent
             self._closed_seconds += s.seconds
+            self._closed_transfers += s.transfers
             s.close()
+        for m in [m for m in self.pending if m.prefill_worker_id == msg.worker_id]:
+            self.pending.remove(m)
         for rid, t in list(self.targets.items()):
             if t.peer.worker_id == msg.worker_id:
                 del self.targets[rid]
@@ -341,10 +426,16 @@ class Worker:
           here but must be sent), a partial last block is written again by the next chunk."""
         bs = self.spec.block_size
         last = layer == self.spec.num_layers - 1
+        lease_ok = self.lease_valid()
         for ch in chunks:
             rid = ch.request.request_id
             t = self.targets.get(rid)
             if t is None or t.error or ch.num_new_tokens == 0:
+                continue
+            if not lease_ok:
+                # the router may have declared us dead and the decode worker freed these
+                # blocks for someone else: never write without a live lease
+                t.error = "lost contact with the router (lease expired)"
                 continue
             end = ch.start + ch.num_new_tokens
             b0, b1 = min(t.next_block, ch.start // bs), -(-end // bs)
@@ -373,7 +464,6 @@ class Worker:
                 continue
             del self.targets[rid]
             if not o.new_token_ids:  # finished without a token (outgrew the pool)
-                self.engine.release(rid)
                 self._fail(rid, f"prefill could not finish ({o.finish_reason})")
                 continue
             lp = o.new_logprobs[0] if o.new_logprobs else None
@@ -405,7 +495,7 @@ class Worker:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
             self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_timeout_s, now)
-            self._send(P.Reserved(msg.request_id, blocks, now))
+            self._send(P.Reserved(msg.request_id, blocks))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:
                 r.fenced_at = now
@@ -435,13 +525,23 @@ class Worker:
         self.engine.abort_request(rid)
 
     def _drain_data(self) -> None:
-        for _sender, msg in self.receiver.poll():
+        for sender, msg in self.receiver.poll():
             rid = msg.request_id
             r = self.reservations.get(rid)
-            if r is None:
-                continue  # already freed (aborted before the prefill worker heard of it)
+            if r is None or sender != r.msg.prefill_worker_id:
+                continue  # already freed, or not the worker that writes this request
             if isinstance(msg, P.KVFence) or r.fenced_at is not None:
                 self._free_reservation(rid)  # the writer has stopped: the blocks are safe to free
+                continue
+            problem = None
+            if rid in self.receiver.bad:
+                problem = "a KV layer arrived malformed"
+            elif not 0 <= msg.first_token < self.engine.model_config.vocab_size:
+                problem = f"first token {msg.first_token} is outside the vocabulary"
+            if problem:
+                self.receiver.bad.discard(rid)
+                self._free_reservation(rid)
+                self._fail(rid, f"KV hand-over from {sender} failed: {problem}")
                 continue
             del self.reservations[rid]
             o = self.engine.admit(rid, msg.first_token, msg.first_logprobs)

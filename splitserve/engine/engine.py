@@ -62,9 +62,10 @@ class LLMEngine:
     requests and aborts and applies them before each step."""
 
     def __init__(self, config: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
-                 **overrides):
+                 kv_allocator=None, **overrides):
         """`checkpoint`: weights already loaded by `load_checkpoint` (several engines in one
-        process share one load); otherwise config.model is loaded."""
+        process share one load); otherwise config.model is loaded. `kv_allocator(engine,
+        num_blocks)`, when given, returns the KV pool tensor (e.g. in shared memory)."""
         config = config or EngineConfig(**overrides)
         self.config = config
         if config.num_threads:
@@ -94,7 +95,8 @@ class LLMEngine:
         cc = config.cache
         per_block = kv_bytes_per_block(mc, cc.block_size, self.dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // per_block))
-        self.kv_cache = KVCache(mc, num_blocks, cc.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(mc, num_blocks, cc.block_size, self.dtype, self.device,
+                                tensor=kv_allocator(self, num_blocks) if kv_allocator else None)
         self.kv_manager = KVCacheManager(
             num_blocks, cc.block_size, root_hash(self.model_id, cc.block_size, cc.hash_salt),
             enable_caching=cc.enable_prefix_caching,

@@ -58,6 +58,7 @@ class _Track:
     prefill: str | None = None
     decode: str | None = None
     prefill_sent: bool = False
+    prefill_done: bool = False  # the decode worker has admitted it
     done: bool = False
     t_reserve: float = 0.0
     reserve_seconds: float = 0.0
@@ -75,7 +76,7 @@ class Conductor:
         self.prompts: PromptEncoder | None = None
         self.workers: dict[str, WorkerHandle] = {}
         self.reference: P.Register | None = None  # the first worker: the others must agree
-        self.policy = LeastLoaded()
+        self.policies = {role: LeastLoaded() for role in ("colocated", "prefill", "decode")}
         self._tracks: dict[str, _Track] = {}
         self._tasks: list[asyncio.Task] = []
         self.addr = ""
@@ -88,13 +89,17 @@ class Conductor:
     async def start(self) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker may reuse its id
+        # never drop a message silently: unknown peers raise, queues do not overflow
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
         host, _, port = self.bind.rpartition(":")
         if port in ("0", "*"):
             port = self.sock.bind_to_random_port(host)
         else:
             self.sock.bind(self.bind)
-        self.addr = f"{host}:{port}"
+        # what workers connect to (a wildcard bind is reached through loopback here)
+        connect_host = host.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+        self.addr = f"{connect_host}:{port}"
         if self._tokenizer is None:
             from splitserve.model.loader import load_tokenizer
 
@@ -175,7 +180,7 @@ class Conductor:
 
     # -- requests ----------------------------------------------------------------------------
     def _pick(self, role: str) -> str | None:
-        return self.policy.pick([
+        return self.policies[role].pick([
             WorkerLoad(w.info.worker_id, len(w.requests), w.stats.kv_blocks_total - w.stats.kv_blocks_used)
             for w in self.workers.values() if w.alive and w.info.role == role])
 
@@ -194,7 +199,8 @@ class Conductor:
         if colocated is not None:
             t.worker = colocated
             self._own(t, colocated)
-            self._send(colocated, P.Generate(request_id, t.prompt, wp))
+            self._tracks[request_id] = t
+            self._send(colocated, P.Generate(request_id, t.prompt, wp), t)
         else:
             t.prefill, t.decode = self._pick("prefill"), self._pick("decode")
             if t.prefill is None or t.decode is None:
@@ -202,16 +208,20 @@ class Conductor:
             self._own(t, t.prefill)
             self._own(t, t.decode)
             t.t_reserve = time.monotonic()
-            self._send(t.decode, P.Reserve(request_id, t.prompt, wp, t.prefill))
-        self._tracks[request_id] = t
+            self._tracks[request_id] = t
+            self._send(t.decode, P.Reserve(request_id, t.prompt, wp, t.prefill), t)
         try:
             while True:
                 item = await t.queue.get()
                 if isinstance(item, Exception):
-                    t.done = True  # the failing side cleaned up; the others are told below
+                    t.done = True  # every side is told to let go (idempotent where it did)
                     self._abort(t)
                     raise item
                 yield item
+                if item.handover is not None and t.prefill in self.workers:
+                    # the prefill worker is done with it: its death no longer concerns us
+                    self.workers[t.prefill].requests.discard(request_id)
+                    t.prefill_done = True
                 if item.finished:
                     t.done = True
                     return
@@ -231,24 +241,33 @@ class Conductor:
         if t.worker:
             self._send(t.worker, P.Abort(rid))
             return
-        if t.prefill_sent and t.decode in self.workers:
+        fenced = t.prefill_sent and not t.prefill_done
+        if fenced and t.decode in self.workers:
             self._send(t.prefill, P.Abort(rid, decode_peer=self.workers[t.decode].peer))
         if t.decode:
-            self._send(t.decode, P.Abort(rid, fenced=t.prefill_sent))
+            self._send(t.decode, P.Abort(rid, fenced=fenced))
 
-    def _send(self, wid: str | None, msg) -> None:
+    def _send(self, wid: str | None, msg, track: _Track | None = None) -> bool:
+        """Send to a live worker; when that fails and `track` is given, the request fails."""
         w = self.workers.get(wid) if wid else None
-        if w is None or not w.alive:
-            return
-        try:
-            self.sock.send_multipart([wid.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.warning("could not send %s to %s: %s", type(msg).__name__, wid, e)
+        ok = w is not None and w.alive
+        if ok:
+            try:
+                self.sock.send_multipart([wid.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                log.warning("could not send %s to %s: %s", type(msg).__name__, wid, e)
+                ok = False
+        if not ok and track is not None:
+            track.queue.put_nowait(RequestFailed(f"worker {wid} cannot be reached"))
+        return ok
 
     # -- messages from workers ---------------------------------------------------------------
     async def _recv_loop(self) -> None:
         while True:
-            ident, raw = (await self.sock.recv_multipart())[:2]
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            ident, raw = frames
             wid = ident.decode(errors="replace")
             try:
                 msg = P.decode_to_router(raw)
@@ -261,35 +280,58 @@ class Conductor:
                 log.exception("handling %s from %s", type(msg).__name__, wid)
 
     def _handle(self, wid: str, msg) -> None:
+        if wid.endswith("/hb"):  # the heartbeat socket of worker `wid[:-3]`
+            self._heartbeat(wid, msg)
+            return
         if isinstance(msg, P.Register):
             self._register(wid, msg)
             return
         w = self.workers.get(wid)
         if w is None or not w.alive:
             return
-        w.last_seen = time.monotonic()
-        if isinstance(msg, P.Heartbeat):
-            w.stats = msg.stats
-        elif isinstance(msg, P.Outputs):
+        if isinstance(msg, P.Outputs):
             for d in msg.items:
                 t = self._tracks.get(d.request_id)
-                if t is not None:
+                # only the worker serving this leg of the request may speak for it
+                if t is not None and wid in (t.worker, t.decode):
                     if d.handover is not None:
                         d.handover.reserve_seconds = t.reserve_seconds
                     t.queue.put_nowait(d)
         elif isinstance(msg, P.Failed):
             t = self._tracks.get(msg.request_id)
-            if t is not None:
+            if t is not None and wid in (t.worker, t.prefill, t.decode):
                 t.queue.put_nowait(RequestFailed(msg.message))
         elif isinstance(msg, P.Reserved):
             t = self._tracks.get(msg.request_id)
-            if t is None or t.done or t.prefill not in self.workers:
+            if t is None or t.decode != wid:
                 self._send(wid, P.Abort(msg.request_id))  # nobody will write these blocks
                 return
-            self._send(t.prefill, P.Prefill(msg.request_id, t.prompt, P.Params.of(t.params),
-                                            w.peer, msg.block_ids))
-            t.prefill_sent = True
+            pw = self.workers.get(t.prefill)
+            if t.done or pw is None or not pw.alive:
+                self._send(wid, P.Abort(msg.request_id))
+                return
+            t.prefill_sent = self._send(t.prefill, P.Prefill(
+                msg.request_id, t.prompt, P.Params.of(t.params), w.peer, msg.block_ids), t)
             t.reserve_seconds = time.monotonic() - t.t_reserve
+
+    def _heartbeat(self, hb_ident: str, msg) -> None:
+        w = self.workers.get(hb_ident[:-3])
+        if w is None or not isinstance(msg, P.Heartbeat):
+            return  # not registered (yet): no lease
+        if not w.alive:
+            # declared dead but still talking (it was stalled): it must not come back to life
+            # with stale work, and its lease must not be renewed
+            self._raw_send(hb_ident, P.Shutdown())
+            return
+        w.last_seen = time.monotonic()
+        w.stats = msg.stats
+        self._raw_send(hb_ident, P.Ping())
+
+    def _raw_send(self, ident: str, msg) -> None:
+        try:
+            self.sock.send_multipart([ident.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _register(self, wid: str, msg: P.Register) -> None:
         reason = None
@@ -311,13 +353,13 @@ class Conductor:
                 reason = f"max_model_len {msg.max_model_len} differs from {ref.max_model_len}"
         if reason:
             log.error("refused worker %s: %s", wid, reason)
-            self.sock.send_multipart([wid.encode(), P.encode(P.Welcome(False, reason))])
+            self._raw_send(wid, P.Welcome(False, reason))
             return
         if self.reference is None:
             self.reference = msg
         self.workers[wid] = WorkerHandle(msg, time.monotonic(), proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks
-        self._send(wid, P.Welcome(True))
+        self._send(wid, P.Welcome(True, lease_s=self.heartbeat_timeout_s / 2))
         log.info("worker %s (%s, pid %d) registered", wid, msg.role, msg.pid)
 
     # -- failure detection -------------------------------------------------------------------
@@ -337,7 +379,8 @@ class Conductor:
     def _worker_died(self, w: WorkerHandle, why: str) -> None:
         wid = w.info.worker_id
         w.alive = False
-        self.dead.append(wid)
+        if wid not in self.dead:
+            self.dead.append(wid)
         log.error("worker %s (%s) is gone: %s", wid, w.info.role, why)
         for rid in list(w.requests):
             t = self._tracks.get(rid)

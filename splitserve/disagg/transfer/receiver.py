@@ -19,14 +19,12 @@ import zmq
 from splitserve.disagg import protocol as P
 from splitserve.kv.cache import KVCache
 
-# A received frame is read-only; it is only ever read (copied into the pool).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
 
 class KVReceiver:
     def __init__(self, ctx: zmq.Context, cache: KVCache, spec: P.KVSpec, host: str,
-                 reserved_blocks: Callable[[str], list[int] | None]):
-        """reserved_blocks(request_id): the blocks it holds while waiting for KV, else None."""
+                 reserved_blocks: Callable[[str, str], list[int] | None]):
+        """reserved_blocks(request_id, sender id): the blocks that sender may write for the
+        request now, else None."""
         self.cache, self.spec = cache, spec
         self.reserved_blocks = reserved_blocks
         self.sock = ctx.socket(zmq.ROUTER)
@@ -37,6 +35,7 @@ class KVReceiver:
         self.seconds = 0.0
         self.senders: dict[bytes, str] = {}  # socket identity -> prefill worker id
         self.dropped_layers = 0
+        self.bad: set[str] = set()  # requests one of whose layers arrived malformed
 
     def poll(self) -> list[tuple[str, P.KVDone | P.KVFence]]:
         """Handle everything that has arrived; returns (sender worker id, notice) in order."""
@@ -53,10 +52,14 @@ class KVReceiver:
                 continue  # not one of ours: ignore it rather than die
             if isinstance(msg, P.Hello):
                 self._hello(ident, msg)
-            elif isinstance(msg, P.KVLayer) and len(frames) == 3:
-                self._layer(msg, frames[2])
+                continue
+            sender = self.senders.get(ident)
+            if sender is None:
+                continue  # no handshake, no say
+            if isinstance(msg, P.KVLayer) and len(frames) == 3:
+                self._layer(sender, msg, frames[2])
             elif isinstance(msg, P.KVDone | P.KVFence):
-                notices.append((self.senders.get(ident, "?"), msg))
+                notices.append((sender, msg))
 
     def _hello(self, ident: bytes, msg: P.Hello) -> None:
         mismatch = self.spec.mismatch(msg.kv)
@@ -67,10 +70,14 @@ class KVReceiver:
             ack = P.HelloAck(True)
         self.sock.send_multipart([ident, P.encode(ack)])
 
-    def _layer(self, msg: P.KVLayer, frame) -> None:
-        held = self.reserved_blocks(msg.request_id)
-        if held is None or not set(msg.block_ids) <= set(held) or not 0 <= msg.layer < self.spec.num_layers:
+    def _layer(self, sender: str, msg: P.KVLayer, frame) -> None:
+        held = self.reserved_blocks(msg.request_id, sender)
+        if held is None:
+            self.dropped_layers += 1  # late (aborted, fenced) or not this sender's to write
+            return
+        if not set(msg.block_ids) <= set(held) or not 0 <= msg.layer < self.spec.num_layers:
             self.dropped_layers += 1
+            self.bad.add(msg.request_id)
             return
         t0 = time.perf_counter()
         kv = self.cache.kv
@@ -80,8 +87,11 @@ class KVReceiver:
         buf = frame.buffer
         if len(buf) != expect:
             self.dropped_layers += 1
+            self.bad.add(msg.request_id)
             return
-        data = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8)).view(kv.dtype).view(shape)
+        with warnings.catch_warnings():  # the frame is read-only; it is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8)).view(kv.dtype).view(shape)
         idx = torch.tensor(msg.block_ids, dtype=torch.long)
         kv[msg.layer].index_copy_(1, idx, data.to(kv.device))
         self.bytes_received += expect

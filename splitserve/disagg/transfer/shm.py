@@ -102,7 +102,8 @@ def create_pool(spec: P.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tu
     shape = _pool_shape(spec, num_blocks)
     nbytes = HEADER + torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[spec.dtype]).element_size()
     try:
-        with open(path, "xb") as f:
+        # 0600: the pool holds every prompt's KV; only this user's workers may map it
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(MAGIC + len(header).to_bytes(4, "little") + header)
             f.truncate(nbytes)
     except OSError as e:
