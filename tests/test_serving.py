@@ -180,6 +180,7 @@ def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_serv
         _wait_for(lambda: all(w["outstanding"] for w in s.workers("decode")), what="both decoding")
         _wait_for(lambda: len(streamed) >= 3, what="the victim's stream")  # mid-stream
         target = victim_decode
+        at_kill = s.health()
         t_kill = time.monotonic()
         os.kill(target["pid"], signal.SIGKILL)
         t.join(30)
@@ -187,7 +188,7 @@ def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_serv
         assert errors, "the client of the killed worker got no error"
         assert errors[0][0] - t_kill < 5.0
         assert "died" in str(errors[0][1])
-        assert texts and texts[0]
+        assert texts and texts[0], (victim_decode["worker_id"], at_kill)
         after = c.completions.create(model="default", prompt="Hello there", max_tokens=8, temperature=0)
         assert after.choices[0].text
         assert s.health()["status"] == "degraded"

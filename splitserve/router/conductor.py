@@ -207,6 +207,7 @@ class Conductor:
                 raise ServiceUnavailable("no prefill+decode pair is alive")
             self._own(t, t.prefill)
             self._own(t, t.decode)
+            log.debug("%s -> prefill %s, decode %s", request_id, t.prefill, t.decode)
             t.t_reserve = time.monotonic()
             self._tracks[request_id] = t
             self._send(t.decode, P.Reserve(request_id, t.prompt, wp, t.prefill), t)

@@ -1,0 +1,257 @@
+"""Benchmark workloads: what to send and when, as plain data (seeded, no network, no clock).
+
+A workload is a list of `RequestSpec`. Three sources:
+    synthetic   `synthetic("chat" | "code" | "summarization", n, seed)`: lengths drawn from a
+                fitted distribution, prompts of random token ids; every arrival at 0
+    real text   `humaneval(path)`: the 164 HumanEval prompts; every arrival at 0
+    traces      `mooncake(path)`, `azure(path)`: lengths and arrival times from a production
+                trace, scaled by stated factors and capped to fit the model
+Arrival times are then either replaced, for a rate sweep (`at_rate`: Poisson, or gamma with a
+coefficient of variation for burstiness), or kept, for trace replay.
+
+Token-id prompts are drawn from `vocab = (lo, hi)`: ids below 100 are special tokens in the
+default model's 49152-token vocabulary, and a random prompt must not contain an end-of-text or
+chat-template token.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+DEFAULT_VOCAB = (100, 49152)
+# HumanEval prompts average 450.6 characters and ~131 tokens (../shared/data/README.md): used to
+# estimate the length of a text prompt when no tokenizer is given.
+CHARS_PER_TOKEN = 3.44
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request to send. `prompt` is text or token ids (the server accepts either);
+    `input_len` is its length in tokens (estimated for text when meta["input_len_estimated"]);
+    `output_len` is sent as max_tokens with ignore_eos, so the server generates exactly that."""
+
+    arrival_s: float
+    prompt: str | list[int]
+    input_len: int
+    output_len: int
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Fit requests to the model and the machine. The output is capped first, then the input
+    keeps what is left of the context: max_input <= max_model_len - output."""
+
+    max_input: int = 8192
+    max_output: int = 8192
+    max_model_len: int = 8192
+
+    def fit(self, input_len: int, output_len: int) -> tuple[int, int]:
+        out = max(1, min(output_len, self.max_output, self.max_model_len - 1))
+        inp = max(1, min(input_len, self.max_input, self.max_model_len - out))
+        return inp, out
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A lognormal length, clipped to [lo, hi]: exp(N(mu, sigma)). mu and sigma are the mean and
+    standard deviation of log(length) over the source data, so median = exp(mu)."""
+
+    mu: float
+    sigma: float
+    lo: int
+    hi: int
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        x = np.rint(rng.lognormal(self.mu, self.sigma, n))
+        return np.clip(x, self.lo, self.hi).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SyntheticWorkload:
+    input: LengthDist
+    output: LengthDist
+    source: str
+
+
+# Fits of log(length) (mean mu, std sigma) to the data in ../shared/data, clipped to the range
+# seen there, so every number can be recomputed from a file. ShareGPT itself (DistServe's chat
+# set) is not among the files; the closest real chat lengths at hand are Azure's production
+# conversation trace (Splitwise), which has longer prompts (mean 1155 vs ShareGPT's 161) and
+# shorter answers (211 vs 338; ShareGPT means from the vLLM paper, Fig. 11). A lognormal keeps the
+# means but not every quantile (chat's median prompt comes out ~740, the trace's is 1020): replay
+# the trace itself (`azure`) where the exact shape matters, or pass your own LengthDist.
+WORKLOADS = {
+    "chat": SyntheticWorkload(
+        LengthDist(6.633, 0.985, 2, 14050), LengthDist(5.019, 0.859, 7, 1000),
+        "AzureLLMInferenceTrace_conv.csv (19,366 requests): in p50 1020, out p50 129"),
+    # HumanEval: 131 tokens in / 54 out on average (README); sigma from the spread of character
+    # lengths (a proportional change of unit leaves sigma alone), mu = log(mean) - sigma^2 / 2.
+    "code": SyntheticWorkload(
+        LengthDist(4.755, 0.489, 30, 400), LengthDist(3.660, 0.811, 4, 260),
+        "HumanEval.jsonl.gz (164 problems): prompt and canonical-solution lengths"),
+    # The arxiv set is left-skewed (filtered at 4096 tokens): the lognormal overweights short
+    # prompts. `summarization(n, seed, csv_path=...)` samples the real pairs instead.
+    "summarization": SyntheticWorkload(
+        LengthDist(7.717, 0.755, 1, 4054), LengthDist(5.187, 0.796, 5, 4056),
+        "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv (28,257 documents)"),
+}
+
+
+def random_tokens(rng: np.random.Generator, n: int, vocab: tuple[int, int]) -> list[int]:
+    return rng.integers(vocab[0], vocab[1], n).tolist()
+
+
+def _from_lengths(name: str, lengths, seed: int, vocab, caps: Caps, **meta) -> list[RequestSpec]:
+    rng = np.random.default_rng([seed, 1])  # prompts apart from the length draws
+    specs = []
+    for i, (inp, out) in enumerate(lengths):
+        inp, out = caps.fit(int(inp), int(out))
+        specs.append(RequestSpec(0.0, random_tokens(rng, inp, vocab), inp, out,
+                                 {"workload": name, "index": i, **meta}))
+    return specs
+
+
+def synthetic(name: str, n: int, seed: int = 0, vocab: tuple[int, int] = DEFAULT_VOCAB,
+              caps: Caps = Caps(), dist: SyntheticWorkload | None = None) -> list[RequestSpec]:
+    """n requests of the named workload (or `dist`), all arriving at 0: apply `at_rate` next."""
+    if dist is None and name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}: choose one of {sorted(WORKLOADS)}")
+    w = dist or WORKLOADS[name]
+    rng = np.random.default_rng([seed, 0])
+    lengths = zip(w.input.sample(rng, n), w.output.sample(rng, n))
+    return _from_lengths(name, lengths, seed, vocab, caps)
+
+
+def summarization(n: int, seed: int = 0, csv_path: str | None = None,
+                  vocab: tuple[int, int] = DEFAULT_VOCAB, caps: Caps = Caps()) -> list[RequestSpec]:
+    """Long prompts: (prompt, decode) token-count pairs sampled with replacement from vidur's arxiv
+    CSV when its path is given, else the lognormal fit."""
+    if csv_path is None:
+        return synthetic("summarization", n, seed, vocab, caps)
+    with open(csv_path, newline="") as f:
+        pairs = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"]))
+                 for r in csv.DictReader(f)]
+    picks = np.random.default_rng([seed, 0]).integers(0, len(pairs), n)
+    return _from_lengths("summarization", (pairs[i] for i in picks), seed, vocab, caps,
+                         source=csv_path)
+
+
+def humaneval(path: str, output_len: int | None = None, tokenize=None, limit: int | None = None,
+              caps: Caps = Caps()) -> list[RequestSpec]:
+    """HumanEval's real prompts, as text. The output length is `output_len` if given, else the
+    canonical solution's length. Lengths are counted by `tokenize(text) -> ids` when given, else
+    estimated at CHARS_PER_TOKEN (meta["input_len_estimated"] says so)."""
+    def count(text: str) -> int:
+        return len(tokenize(text)) if tokenize else max(1, round(len(text) / CHARS_PER_TOKEN))
+
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()][:limit]
+    specs = []
+    for i, r in enumerate(rows):
+        inp, out = caps.fit(count(r["prompt"]), output_len or count(r["canonical_solution"]))
+        specs.append(RequestSpec(0.0, r["prompt"], inp, out,
+                                 {"workload": "humaneval", "index": i, "task_id": r["task_id"],
+                                  "input_len_estimated": tokenize is None}))
+    return specs
+
+
+def block_tokens_for(hash_id: int, n: int, seed: int, vocab: tuple[int, int]) -> list[int]:
+    """The tokens of one trace block: a function of (seed, hash_id) only, so requests naming the
+    same id share the same tokens and the server's prefix cache sees the trace's real reuse."""
+    return random_tokens(np.random.default_rng([seed, hash_id]), n, vocab)
+
+
+def mooncake(path: str, length_scale: float = 1.0, time_scale: float = 1.0,
+             block_tokens: int = 512, caps: Caps = Caps(), limit: int | None = None,
+             seed: int = 0, vocab: tuple[int, int] = DEFAULT_VOCAB) -> list[RequestSpec]:
+    """Replay a Mooncake trace (JSONL: timestamp ms, input_length, output_length, hash_ids).
+
+    Lengths are multiplied by `length_scale`, and the block with them: b = round(512 * scale).
+    Block k of a request holds tokens [k*b, (k+1)*b) of its prompt, derived from hash_ids[k]:
+        | hash_ids[0] | hash_ids[1] | ... | hash_ids[-1] (cut) |
+        0             b             2b    ^ scaled input length (at most len(hash_ids) * b)
+    A cap cuts the prompt at the same place, keeping its prefix (and so its reuse). Arrival gaps
+    are multiplied by `time_scale` (> 1 stretches the trace: a lower rate)."""
+    b = max(1, round(block_tokens * length_scale))
+    blocks: dict[int, list[int]] = {}  # a third of the trace's blocks repeat: draw each once
+    specs = []
+    with open(path) as f:
+        for line in f:
+            if limit is not None and len(specs) >= limit:
+                break
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            ids = r["hash_ids"]
+            want = min(round(r["input_length"] * length_scale), len(ids) * b)
+            inp, out = caps.fit(want, round(r["output_length"] * length_scale))
+            prompt: list[int] = []
+            for h in ids[:math.ceil(inp / b)]:
+                if h not in blocks:
+                    blocks[h] = block_tokens_for(h, b, seed, vocab)
+                prompt += blocks[h]
+            specs.append(RequestSpec(r["timestamp"] / 1000.0, prompt[:inp], inp, out,
+                                     {"workload": "mooncake", "index": len(specs),
+                                      "hash_ids": ids[:math.ceil(inp / b)]}))
+    return _rebase(specs, time_scale)
+
+
+def azure(path: str, length_scale: float = 1.0, time_scale: float = 1.0, caps: Caps = Caps(),
+          limit: int | None = None, seed: int = 0,
+          vocab: tuple[int, int] = DEFAULT_VOCAB) -> list[RequestSpec]:
+    """Replay an Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens).
+    The trace says nothing of shared prefixes, so every prompt is fresh random tokens."""
+    rng = np.random.default_rng([seed, 2])
+    specs = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if limit is not None and len(specs) >= limit:
+                break
+            # UTC: a local zone's daylight-saving change would bend the gaps
+            t = datetime.fromisoformat(r["TIMESTAMP"]).replace(tzinfo=UTC).timestamp()
+            inp, out = caps.fit(round(int(r["ContextTokens"]) * length_scale),
+                                round(int(r["GeneratedTokens"]) * length_scale))
+            specs.append(RequestSpec(t, random_tokens(rng, inp, vocab), inp, out,
+                                     {"workload": "azure", "index": len(specs)}))
+    return _rebase(specs, time_scale)
+
+
+def _rebase(specs: list[RequestSpec], time_scale: float) -> list[RequestSpec]:
+    """Trace times -> seconds from the first request, gaps multiplied by time_scale."""
+    if not specs:
+        return specs
+    t0 = min(s.arrival_s for s in specs)
+    return [dataclasses.replace(s, arrival_s=(s.arrival_s - t0) * time_scale) for s in specs]
+
+
+# -- arrival processes ---------------------------------------------------------------------------
+def gamma(rate: float, cv: float, n: int, seed: int = 0) -> list[float]:
+    """n arrival times (s) with gamma inter-arrival gaps of mean 1/rate and coefficient of
+    variation cv: shape 1/cv^2, scale cv^2/rate. cv = 1 is Poisson; cv > 1 is burstier. The
+    first request arrives at 0."""
+    if rate <= 0 or cv <= 0:
+        raise ValueError(f"rate and cv must be positive, got rate={rate}, cv={cv}")
+    gaps = np.random.default_rng([seed, 3]).gamma(1.0 / cv**2, cv**2 / rate, max(n - 1, 0))
+    return np.concatenate([[0.0], np.cumsum(gaps)])[:n].tolist()
+
+
+def poisson(rate: float, n: int, seed: int = 0) -> list[float]:
+    """n Poisson arrivals at `rate` per second (exponential gaps); the first at 0."""
+    return gamma(rate, 1.0, n, seed)
+
+
+def at_rate(specs: list[RequestSpec], rate: float, cv: float = 1.0,
+            seed: int = 0) -> list[RequestSpec]:
+    """The same requests with their arrival times replaced, for a rate sweep. A trace replay keeps
+    its own (scaled) times instead and never calls this."""
+    times = gamma(rate, cv, len(specs), seed)
+    return [dataclasses.replace(s, arrival_s=t) for s, t in zip(specs, times)]
