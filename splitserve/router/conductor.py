@@ -251,14 +251,8 @@ class Conductor:
     def _send(self, wid: str | None, msg, track: _Track | None = None) -> bool:
         """Send to a live worker; when that fails and `track` is given, the request fails."""
         w = self.workers.get(wid) if wid else None
-        ok = w is not None and w.alive
-        if ok:
-            try:
-                self.sock.send_multipart([wid.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
-            except zmq.ZMQError as e:
-                log.warning("could not send %s to %s: %s", type(msg).__name__, wid, e)
-                ok = False
-        if not ok and track is not None:
+        ok = w is not None and w.alive and self._raw_send(wid, msg, track)
+        if not ok and track is not None and not (w is not None and w.alive):
             track.queue.put_nowait(RequestFailed(f"worker {wid} cannot be reached"))
         return ok
 
@@ -328,11 +322,29 @@ class Conductor:
         w.stats = msg.stats
         self._raw_send(hb_ident, P.Ping())
 
-    def _raw_send(self, ident: str, msg) -> None:
+    def _raw_send(self, ident: str, msg, track: _Track | None = None) -> bool:
+        """Send without waiting. zmq.asyncio reports a failed send (ROUTER_MANDATORY: the
+        peer is gone) through the returned future, usually already done: report it, and fail
+        `track`'s request when one is given."""
+
+        def check(fut) -> bool:
+            e = fut.exception() if not fut.cancelled() else None
+            if e is None:
+                return True
+            log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
+            if track is not None:
+                track.queue.put_nowait(RequestFailed(f"worker {ident} cannot be reached ({e})"))
+            return False
+
         try:
-            self.sock.send_multipart([ident.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+            fut = self.sock.send_multipart([ident.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
+            return False
+        if fut.done():
+            return check(fut)
+        fut.add_done_callback(check)
+        return True
 
     def _register(self, wid: str, msg: P.Register) -> None:
         reason = None
