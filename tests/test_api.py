@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
+from serving_harness import app_in_thread
 
 from splitserve.disagg.protocol import Delta
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
@@ -497,21 +496,8 @@ def test_disconnect_streaming(fake, conductor_state):
 # -- the official client over a real socket ------------------------------------------------------
 @pytest.fixture
 def served(fake):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(fake, MODEL, api_key="k"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with app_in_thread(build_app(fake, MODEL, api_key="k")) as url:
+        yield url + "/v1"
 
 
 def _wait_for(cond, timeout=3.0):

@@ -9,14 +9,12 @@ import csv
 import json
 import math
 import os
-import socket
-import threading
-import time
 from datetime import datetime
 
 import msgspec
 import numpy as np
 import pytest
+from serving_harness import app_in_thread
 
 from splitserve.bench import workloads as W
 from splitserve.bench.client import run_load
@@ -275,22 +273,9 @@ def fake_app(bodies: list):
 
 @pytest.fixture(scope="module")
 def fake_server():
-    import uvicorn
-
     bodies: list = []
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(fake_app(bodies), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", bodies
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with app_in_thread(fake_app(bodies)) as url:
+        yield url, bodies
 
 
 def spec(prompt, arrival=0.0, out=6) -> W.RequestSpec:

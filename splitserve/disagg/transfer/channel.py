@@ -10,7 +10,7 @@ from __future__ import annotations
 import zmq
 
 from splitserve.disagg import protocol as P
-from splitserve.disagg.transfer.base import TransferError
+from splitserve.disagg.transfer.base import KVSender, TransferError
 
 HANDSHAKE_TIMEOUT_S = 10.0
 # Messages queued for a peer that stopped reading; past this many frames a send fails at once
@@ -50,3 +50,19 @@ class SenderChannel:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+class ChannelSender(KVSender):
+    """A sender whose notices (KVDone, KVFence) go over a SenderChannel: shm and tcp."""
+
+    channel: SenderChannel
+
+    def done(self, msg: P.KVDone) -> None:
+        self.channel.send(msg)
+        self.transfers += 1
+
+    def fence(self, request_id: str) -> None:
+        self.channel.send(P.KVFence(request_id))
+
+    def close(self) -> None:
+        self.channel.close()

@@ -19,8 +19,8 @@ import torch
 import zmq
 
 from splitserve.disagg import protocol as P
-from splitserve.disagg.transfer.base import KVSender, TransferError
-from splitserve.disagg.transfer.channel import SenderChannel
+from splitserve.disagg.transfer.base import TransferError
+from splitserve.disagg.transfer.channel import ChannelSender, SenderChannel
 from splitserve.kv.cache import KVCache
 
 MAGIC = b"SPLITSERVE-KV\0\0\0"
@@ -131,7 +131,7 @@ def attach_pool(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
     return _map(path, spec, num_blocks)
 
 
-class ShmSender(KVSender):
+class ShmSender(ChannelSender):
     transport = "shm"
 
     def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
@@ -157,13 +157,6 @@ class ShmSender(KVSender):
         self.seconds += time.perf_counter() - t0
         return n
 
-    def done(self, msg: P.KVDone) -> None:
-        self.channel.send(msg)
-        self.transfers += 1
-
-    def fence(self, request_id: str) -> None:
-        self.channel.send(P.KVFence(request_id))
-
     def close(self) -> None:
-        self.channel.close()
+        super().close()
         self.remote = None

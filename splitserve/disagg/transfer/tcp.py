@@ -9,12 +9,11 @@ import torch
 import zmq
 
 from splitserve.disagg import protocol as P
-from splitserve.disagg.transfer.base import KVSender
-from splitserve.disagg.transfer.channel import SenderChannel
+from splitserve.disagg.transfer.channel import ChannelSender, SenderChannel
 from splitserve.kv.cache import KVCache
 
 
-class TcpSender(KVSender):
+class TcpSender(ChannelSender):
     transport = "tcp"
 
     def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
@@ -35,12 +34,3 @@ class TcpSender(KVSender):
         self.seconds += time.perf_counter() - t0
         return payload.nbytes
 
-    def done(self, msg: P.KVDone) -> None:
-        self.channel.send(msg)
-        self.transfers += 1
-
-    def fence(self, request_id: str) -> None:
-        self.channel.send(P.KVFence(request_id))
-
-    def close(self) -> None:
-        self.channel.close()
