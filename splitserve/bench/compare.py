@@ -1,0 +1,175 @@
+"""`splitserve bench compare`: one workload, in one run, against several deployments with the
+same total cores, each started and stopped here: P/D disaggregated (1 prefill + 1 decode),
+co-located with chunked prefill (Sarathi-style), co-located with prefill priority (vLLM-style,
+no chunking), and llama.cpp's `llama-server` when it is installed. Writes a markdown table, JSON
+and (with matplotlib) attainment-vs-rate and TTFT/TPOT CDF plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from splitserve.bench import serve as S
+from splitserve.bench.goodput import to_markdown
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    S.add_workload_args(p)
+    p.add_argument("--deployments", default="pd,chunked,prefill-first,llama-server")
+    p.add_argument("--goodput", default="0.1,2.0", metavar="LO,HI")
+    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--tol", type=float, default=0.1)
+    p.add_argument("--cores", type=int, default=2, help="total cores of every deployment")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="token budget per step of the co-located engines (the chunk size)")
+    p.add_argument("--llama-server", default=None, help="path of llama-server (default: PATH)")
+    p.add_argument("--slo-scales", default="0.5,0.75,1,1.5,2")
+    p.add_argument("--out", default="bench-results/compare", help="directory for JSON and plots")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(name: str, port: int, a) -> list[str] | None:
+    """The command line of one deployment on `a.cores` cores, or None when unavailable."""
+    base = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port), "--threads", "1",
+            "--kv-cache-gb", "0.5"]
+    half = a.cores // 2
+    if name == "pd":
+        return base + ["--prefill", "1", "--decode", "1",
+                       "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}", "--threads", str(half)]
+    colocated = ["--colocated", "2", "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}",
+                 "--threads", str(half), "--max-num-batched-tokens", str(a.chunk)]
+    if name == "chunked":
+        return base + colocated
+    if name == "prefill-first":
+        # whole prompts first: the budget must hold the longest prompt
+        return base + colocated[:-1] + [str(max(a.max_input, a.chunk)), "--no-chunked-prefill"]
+    if name == "llama-server":
+        exe = a.llama_server or shutil.which("llama-server")
+        if not exe:
+            return None
+        from splitserve.model.loader import default_model_path
+
+        slots = 16
+        return [exe, "-m", default_model_path(), "--port", str(port), "--host", "127.0.0.1",
+                "--threads", str(a.cores), "--parallel", str(slots),
+                "--ctx-size", str(slots * a.max_model_len // 4), "--no-webui"]
+    raise SystemExit(f"unknown deployment {name!r}")
+
+
+def _start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status") == "ok":
+                return proc
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    _stop(proc)
+    raise RuntimeError(f"{cmd[0]} not ready within {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def main(a) -> int:
+    os.makedirs(a.out, exist_ok=True)
+    specs = S.build_workload(a)
+    ttft_slo, tpot_slo = S.slos(a)
+    results, rows = {}, []
+    for name in a.deployments.split(","):
+        port = _free_port()
+        cmd = _command(name, port, a)
+        if cmd is None:
+            print(f"{name}: not installed, skipped", file=sys.stderr)
+            continue
+        print(f"{name}: {' '.join(cmd)}", file=sys.stderr)
+        proc = _start(cmd, port)
+        try:
+            run = argparse.Namespace(**vars(a), base_url=f"http://127.0.0.1:{port}", model="default",
+                                     api_key=None, concurrency=None, rate=None,
+                                     extra_body=None)
+            results[name] = S.measure_goodput(run, specs, a.cores)
+        finally:
+            _stop(proc)
+        r = results[name]
+        rows.append({"deployment": name, "goodput_req_s": r["goodput_req_s"],
+                     "per_core": r["goodput_per_core"], "capped": r["capped"],
+                     "probes": len(r["probes"])})
+    base = results.get("pd", {}).get("goodput_req_s")
+    for row in rows:
+        g = row["goodput_req_s"]
+        row["pd_vs_this"] = (base / g if g else float("inf")) if base is not None else None
+    header = (f"workload {a.workload}, {len(specs)} requests, seed {a.seed}, cv {a.cv}; SLOs TTFT "
+              f"{ttft_slo:g} s, TPOT {tpot_slo * 1e3:g} ms, >= {a.target:.0%} attainment; "
+              f"{a.cores} cores per deployment")
+    table = to_markdown(rows)
+    print(header + "\n\n" + table)
+    with open(os.path.join(a.out, f"{a.workload}.json"), "w") as f:
+        json.dump({"header": header, "table": rows, "results": results,
+                   "args": {k: v for k, v in vars(a).items() if k != "func"}}, f, indent=1)
+    with open(os.path.join(a.out, f"{a.workload}.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    _plots(a, results, ttft_slo, tpot_slo)
+    return 0
+
+
+def _plots(a, results: dict, ttft_slo: float, tpot_slo: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return
+    lo = float(a.goodput.split(",")[0])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in results.items():
+        probes = sorted((p["rate"], p["attainment"]) for p in r["probes"])
+        axes[0].plot([p[0] for p in probes], [p[1] for p in probes], marker="o", label=name)
+        recs = [x for x in r["records_at_lo"] if x["ok"]]
+        for ax, key in ((axes[1], "ttft"), (axes[2], "tpot")):
+            v = sorted(x[key] for x in recs if x[key] is not None)
+            if v:
+                ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=name)
+    axes[0].axhline(a.target, color="grey", ls="--")
+    axes[0].set(xlabel="rate (req/s)", ylabel="SLO attainment", title="attainment vs rate")
+    axes[1].axvline(ttft_slo, color="grey", ls="--")
+    axes[1].set(xlabel="TTFT (s)", ylabel="CDF", title=f"TTFT at {lo:g} req/s")
+    axes[2].axvline(tpot_slo, color="grey", ls="--")
+    axes[2].set(xlabel="TPOT (s)", ylabel="CDF", title=f"TPOT at {lo:g} req/s")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(f"{a.workload}: {a.cores} cores per deployment")
+    fig.tight_layout()
+    path = os.path.join(a.out, f"{a.workload}.png")
+    fig.savefig(path, dpi=100)
+    print(f"plots: {path}", file=sys.stderr)
