@@ -38,3 +38,22 @@ def test_compare_starts_each_deployment_on_the_same_cores():
     # prefill priority runs whole prompts: its budget holds the longest one
     assert int(first[first.index("--max-num-batched-tokens") + 1]) >= a.max_input
     assert C._command("llama-server", 9, _args("--llama-server", "/x/llama-server"))[0] == "/x/llama-server"
+
+
+def test_each_probe_sends_prompts_no_earlier_probe_sent():
+    from splitserve.bench import workloads as W
+
+    specs = W.synthetic("prefill-heavy", 5, seed=1)
+    again = S.fresh_prompts(specs, 0)
+    assert again == specs
+    r1, r2 = S.fresh_prompts(specs, 1), S.fresh_prompts(specs, 2)
+    for a, b, c in zip(specs, r1, r2):
+        assert len(a.prompt) == len(b.prompt) == len(c.prompt) and a.input_len == b.input_len
+        # no shared first block (so no prefix-cache hit at all), every id still in range
+        assert a.prompt[:16] != b.prompt[:16] != c.prompt[:16]
+        assert all(W.DEFAULT_VOCAB[0] <= t < W.DEFAULT_VOCAB[1] for t in b.prompt)
+    # equal blocks stay equal within a run (a trace's own prefix sharing survives)
+    twin = [W.RequestSpec(0.0, list(specs[0].prompt), 1, 1, {}), specs[0]]
+    m = S.fresh_prompts(twin, 3)
+    assert m[0].prompt == m[1].prompt
+    assert S.fresh_prompts([W.RequestSpec(0.0, "text", 1, 1, {})], 2)[0].prompt.endswith("text")

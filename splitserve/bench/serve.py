@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -91,9 +92,31 @@ def slos(a) -> tuple[float, float]:
     return (a.ttft_slo or ttft, a.tpot_slo or tpot)
 
 
-def run_at(a, specs: list[W.RequestSpec], rate: float | None) -> LoadResult:
+def fresh_prompts(specs: list[W.RequestSpec], run: int) -> list[W.RequestSpec]:
+    """The same requests with prompts no earlier run has sent: every run of an invocation
+    would otherwise find the previous run's prompts in the servers' prefix caches. Token ids
+    go through a bijection of the vocabulary range that depends on `run` (equal blocks stay
+    equal within a run, so a trace's own prefix sharing is kept); a text prompt gets a
+    run-specific first line."""
+    if run == 0:
+        return specs
+    lo, hi = W.DEFAULT_VOCAB
+    span = hi - lo
+    mult = 7919  # a prime that does not divide the span: x -> x * mult + shift is a bijection
+    assert span % mult
+
+    def remap(p):
+        if isinstance(p, str):
+            return f"[run {run}]\n{p}"
+        return [lo + ((t - lo) * mult + run * 104729) % span if lo <= t < hi else t for t in p]
+
+    return [dataclasses.replace(s, prompt=remap(s.prompt)) for s in specs]
+
+
+def run_at(a, specs: list[W.RequestSpec], rate: float | None, run: int = 0) -> LoadResult:
     """One load run: at `rate` (arrival times replaced), or the specs' own times (trace replay
-    / closed loop)."""
+    / closed loop); `run` > 0 sends prompts no earlier run sent."""
+    specs = fresh_prompts(specs, run)
     if rate is not None:
         specs = W.at_rate(specs, rate, a.cv, a.seed)
     return asyncio.run(run_load(a.base_url, specs, a.model, a.api_key, a.concurrency,
@@ -118,7 +141,7 @@ def measure_goodput(a, specs, cores: int) -> dict:
     rows, results = [], {}
 
     def measure(rate: float) -> float:
-        res = run_at(a, specs, rate)
+        res = run_at(a, specs, rate, run=len(rows))
         results[rate] = res
         rows.append(row("probe", rate, res, ttft_slo, tpot_slo))
         print(f"  rate {rate:.3f} req/s: attainment {rows[-1]['attainment']:.2f}", file=sys.stderr)
