@@ -205,17 +205,30 @@ def test_a_stalled_prefill_worker_fails_the_transfer_by_timeout_and_frees_its_bl
     s = Server("--kv-timeout", "2")
     try:
         pre = s.workers("prefill")[0]
+        result = {}
+
+        def call():
+            t = time.monotonic()
+            result["r"] = httpx.post(s.base_url + "/completions", timeout=60, json={
+                "model": "default", "prompt": LONG * 6, "max_tokens": 4})
+            result["t"] = time.monotonic() - t
+
+        th = threading.Thread(target=call)
+        th.start()
+        # stall it mid-transfer: the decode worker holds the reservation, prefill is writing it
+        _wait_for(lambda: s.workers("decode")[0]["kv_blocks_used"] > 0
+                  and s.workers("prefill")[0]["running"] > 0, what="the transfer to be under way")
         os.kill(pre["pid"], signal.SIGSTOP)
+        t_stop = time.monotonic()
         try:
-            t0 = time.monotonic()
-            r = httpx.post(s.base_url + "/completions", timeout=30,
-                           json={"model": "default", "prompt": "Hello", "max_tokens": 4})
-            elapsed = time.monotonic() - t0
+            th.join(30)
+            waited = time.monotonic() - t_stop
         finally:
             os.kill(pre["pid"], signal.SIGCONT)
+        r = result["r"]
         assert r.status_code == 500, r.text
-        assert "did not complete within 2 s" in r.json()["error"]["message"]
-        assert elapsed < 6.0
+        assert "made no progress for 2 s" in r.json()["error"]["message"]
+        assert waited < 6.0
         # the decode worker held the blocks until the prefill worker's fence said no write of
         # its is left; then everything is free, and the deployment serves again
         ws = s.wait_idle()

@@ -37,7 +37,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _worker_args(a, transport: str) -> argparse.Namespace:
     return argparse.Namespace(
-        kv_transport=transport, kv_timeout=60.0, model=a.model, dtype=a.dtype, device=a.device,
+        kv_transport=transport, kv_timeout=60.0, kv_queue_timeout=600.0, model=a.model,
+        dtype=a.dtype, device=a.device,
         threads=a.threads or 1, max_num_batched_tokens=512, max_num_seqs=16, kv_cache_gb=0.25,
         quantization=a.quantization, no_chunked_prefill=False, max_model_len=None,
         num_blocks=None, no_fast_linear=a.no_fast_linear)

@@ -19,7 +19,8 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
     any time:   Abort ─► worker;  worker ─► Failed(request, message)
 
 Data plane (prefill -> decode, a DEALER at the prefill worker to the decode worker's ROUTER):
-    Hello(KV spec) ─► HelloAck(ok | reason);  [KVLayer + raw bytes (tcp only)] ...;  KVDone
+    Hello(KV spec) ─► HelloAck(ok | reason);  per chunk: KVProgress, [KVLayer + raw bytes (tcp
+    only)] per layer ...;  KVDone
     (or, once aborted, KVFence: no more writes for that request; see Abort)
 """
 
@@ -257,6 +258,13 @@ class KVDone(msgspec.Struct, tag=True):
     transport: str
 
 
+class KVProgress(msgspec.Struct, tag=True):
+    """The prefill worker is computing (and writing) the next chunk of `request_id`: the decode
+    worker's transfer deadline restarts. Until the first one, the request is only queued."""
+
+    request_id: str
+
+
 class KVFence(msgspec.Struct, tag=True):
     """The prefill worker will write no more of `request_id`'s blocks (it was aborted)."""
 
@@ -265,7 +273,7 @@ class KVFence(msgspec.Struct, tag=True):
 
 ToWorker = Welcome | Ping | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
 ToRouter = Register | Heartbeat | Reserved | Outputs | Failed
-DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence
+DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence | KVProgress
 
 _enc = msgspec.msgpack.Encoder()
 _dec_worker = msgspec.msgpack.Decoder(ToWorker)

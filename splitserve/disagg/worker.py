@@ -13,8 +13,8 @@ worker writes only while it holds a lease (the router answered a heartbeat withi
 half the router's dead-worker timeout), so by the time the router declares it dead it has
 stopped writing, even if it was only stalled.
 
-    reservation:  Reserve ─► pending (no blocks yet) ─► waiting_kv (blocks held, deadline)
-                    ─► KVDone: admitted, decoding
+    reservation:  Reserve ─► pending (no blocks yet) ─► waiting_kv (blocks held; deadline:
+                    queue timeout, then kv_timeout from each KVProgress) ─► KVDone: admitted
                     ─► timeout / Abort: fenced (blocks held, request failed) ─► KVFence: freed
 """
 
@@ -61,7 +61,11 @@ class WorkerConfig:
     engine: EngineConfig
     worker_id: str = ""
     kv_transport: str = "auto"  # auto | shm | tcp
-    kv_timeout_s: float = 30.0  # reservation -> KVDone, else the request fails
+    # A hand-over that makes no progress (no chunk written) for this long fails the request.
+    # Before its first chunk the request is only queued at the prefill worker: it may wait
+    # `kv_queue_timeout_s` (a dead prefill worker is reported by the router sooner).
+    kv_timeout_s: float = 30.0
+    kv_queue_timeout_s: float = 600.0
     data_host: str = "127.0.0.1"  # where a decode worker's data socket listens
     cores: tuple[int, ...] | None = None
     parent_pid: int | None = None  # exit when this process is gone (workers started by serve)
@@ -95,6 +99,7 @@ class _Reservation:
     deadline: float = 0.0
     t_reserved: float = 0.0
     fenced_at: float | None = None
+    started: bool = False  # a KVProgress arrived: the prefill worker is writing it
 
 
 class Worker:
@@ -432,6 +437,11 @@ class Worker:
             t = self.targets.get(rid)
             if t is None or t.error or ch.num_new_tokens == 0:
                 continue
+            if layer == 0:  # a new chunk: the decode worker's transfer deadline restarts
+                try:
+                    self.senders[t.peer.worker_id].progress(rid)
+                except (TransferError, KeyError):
+                    pass  # the write below reports it
             if not lease_ok:
                 # the router may have declared us dead and the decode worker freed these
                 # blocks for someone else: never write without a live lease
@@ -494,13 +504,14 @@ class Worker:
             if blocks is None:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
-            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_timeout_s, now)
+            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_queue_timeout_s, now)
             self._send(P.Reserved(msg.request_id, blocks))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:
                 r.fenced_at = now
-                self._fail(rid, f"KV transfer from {r.msg.prefill_worker_id} did not complete "
-                                f"within {self.cfg.kv_timeout_s:g} s")
+                what = (f"made no progress for {self.cfg.kv_timeout_s:g} s" if r.started else
+                        f"did not start within {self.cfg.kv_queue_timeout_s:g} s")
+                self._fail(rid, f"KV transfer from {r.msg.prefill_worker_id} {what}")
             elif r.fenced_at is not None and now - r.fenced_at > FENCE_MAX_S:
                 log.warning("no fence for %s from %s after %.0f s; freeing its blocks", rid,
                             r.msg.prefill_worker_id, FENCE_MAX_S)
@@ -530,6 +541,11 @@ class Worker:
             r = self.reservations.get(rid)
             if r is None or sender != r.msg.prefill_worker_id:
                 continue  # already freed, or not the worker that writes this request
+            if isinstance(msg, P.KVProgress):
+                if r.fenced_at is None:
+                    r.started = True
+                    r.deadline = time.monotonic() + self.cfg.kv_timeout_s
+                continue
             if isinstance(msg, P.KVFence) or r.fenced_at is not None:
                 self._free_reservation(rid)  # the writer has stopped: the blocks are safe to free
                 continue

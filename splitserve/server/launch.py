@@ -65,7 +65,8 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
     cmd = [sys.executable, "-m", "splitserve.cli", "worker", "--role", role, "--router", router_addr,
            "--worker-id", worker_id, "--cores", ",".join(map(str, cores)),
            "--parent-pid", str(os.getpid()), "--kv-transport", a.kv_transport,
-           "--kv-timeout", str(a.kv_timeout), "--model", a.model, "--dtype", a.dtype,
+           "--kv-timeout", str(a.kv_timeout), "--kv-queue-timeout", str(a.kv_queue_timeout),
+           "--model", a.model, "--dtype", a.dtype,
            "--device", a.device, "--threads", str(a.threads or len(cores)),
            "--max-num-batched-tokens", str(a.max_num_batched_tokens),
            "--max-num-seqs", str(a.max_num_seqs), "--kv-cache-gb", str(a.kv_cache_gb)]
@@ -159,7 +160,10 @@ def add_worker_args(p) -> None:
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
                    help="KV hand-over: shm (same host), tcp (any host), auto (shm when possible)")
     p.add_argument("--kv-timeout", type=float, default=30.0,
-                   help="seconds from reservation to a complete KV hand-over before the request fails")
+                   help="a KV hand-over that writes nothing (no new chunk) for this many seconds "
+                        "fails its request")
+    p.add_argument("--kv-queue-timeout", type=float, default=600.0,
+                   help="how long a reserved request may wait for its prefill to start")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-chunked-prefill", action="store_true",
@@ -199,5 +203,5 @@ def run_worker_cli(a) -> int:
                                   max_num_seqs=a.max_num_seqs,
                                   chunked_prefill=not a.no_chunked_prefill, role=a.role))
     cfg = WorkerConfig(a.role, router, ec, a.worker_id or "", a.kv_transport, a.kv_timeout,
-                       a.data_host, cores, a.parent_pid)
+                       a.kv_queue_timeout, a.data_host, cores, a.parent_pid)
     return run_worker(cfg)

@@ -51,6 +51,10 @@ class KVSender(ABC):
         """Tell the peer that every layer of msg.request_id has been written."""
 
     @abstractmethod
+    def progress(self, request_id: str) -> None:
+        """Tell the peer the request's next chunk is being written (its deadline restarts)."""
+
+    @abstractmethod
     def fence(self, request_id: str) -> None:
         """Tell the peer that no more writes for request_id will come (it was aborted here)."""
 

@@ -61,6 +61,9 @@ class ChannelSender(KVSender):
         self.channel.send(msg)
         self.transfers += 1
 
+    def progress(self, request_id: str) -> None:
+        self.channel.send(P.KVProgress(request_id))
+
     def fence(self, request_id: str) -> None:
         self.channel.send(P.KVFence(request_id))
 

@@ -14,7 +14,7 @@ from splitserve.kv.cache import KVCache
 class LocalSender(KVSender):
     transport = "local"
 
-    def __init__(self, src: KVCache, dst: KVCache, deliver: Callable[[P.KVDone | P.KVFence], None]):
+    def __init__(self, src: KVCache, dst: KVCache, deliver: Callable[[P.KVDone | P.KVFence | P.KVProgress], None]):
         super().__init__()
         self.src, self.dst, self.deliver = src, dst, deliver
 
@@ -30,6 +30,9 @@ class LocalSender(KVSender):
     def done(self, msg: P.KVDone) -> None:
         self.transfers += 1
         self.deliver(msg)
+
+    def progress(self, request_id: str) -> None:
+        self.deliver(P.KVProgress(request_id))
 
     def fence(self, request_id: str) -> None:
         self.deliver(P.KVFence(request_id))

@@ -37,7 +37,7 @@ class KVReceiver:
         self.dropped_layers = 0
         self.bad: set[str] = set()  # requests one of whose layers arrived malformed
 
-    def poll(self) -> list[tuple[str, P.KVDone | P.KVFence]]:
+    def poll(self) -> list[tuple[str, P.KVDone | P.KVFence | P.KVProgress]]:
         """Handle everything that has arrived; returns (sender worker id, notice) in order."""
         notices = []
         while True:
@@ -58,7 +58,7 @@ class KVReceiver:
                 continue  # no handshake, no say
             if isinstance(msg, P.KVLayer) and len(frames) == 3:
                 self._layer(sender, msg, frames[2])
-            elif isinstance(msg, P.KVDone | P.KVFence):
+            elif isinstance(msg, P.KVDone | P.KVFence | P.KVProgress):
                 notices.append((sender, msg))
 
     def _hello(self, ident: bytes, msg: P.Hello) -> None:
