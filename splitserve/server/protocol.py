@@ -60,6 +60,18 @@ class ApiError(Exception):
 
 
 # -- requests ---------------------------------------------------------------------------------
+def _refused(*fields: str, why: str):
+    """A validator refusing a feature this server does not have: any truthy value of `fields`
+    is a 400 saying `why` (unset, 0, false or empty pass)."""
+
+    def check(cls, v):
+        if v:
+            raise ValueError(why)
+        return v
+
+    return field_validator(*fields)(classmethod(check))
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool | None = False
@@ -99,19 +111,10 @@ class _GenerationRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v):
-        if v:
-            raise ValueError("penalties are not supported by this server; leave it unset or 0")
-        return v
+    _no_penalty = _refused("presence_penalty", "frequency_penalty",
+                           why="penalties are not supported by this server; leave it unset or 0")
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
-        return v
+    _no_logit_bias = _refused("logit_bias", why="logit_bias is not supported by this server")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -164,19 +167,9 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("must not be empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo=true is not supported by this server")
-        return v
+    _no_echo = _refused("echo", why="echo=true is not supported by this server")
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported by this server")
-        return v
+    _no_suffix = _refused("suffix", why="suffix is not supported by this server")
 
     @model_validator(mode="after")
     def _best_of(self):
@@ -246,12 +239,7 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tool calling is not supported by this server")
-        return v
+    _no_tools = _refused("tools", why="tool calling is not supported by this server")
 
     @field_validator("response_format")
     @classmethod
