@@ -27,11 +27,11 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
-from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from splitserve.config import EngineConfig
 from splitserve.disagg import protocol as P
 from splitserve.disagg.transfer.base import KVSender, TransferError
 from splitserve.engine.engine import LLMEngine, RequestOutput
@@ -72,8 +72,13 @@ class WorkerConfig:
     register_timeout_s: float = 60.0
 
 
+def wire_logprobs(lp: tuple[float, list[tuple[int, float]]]) -> list:
+    """One token's (logprob, [(token, logprob)] top) as msgpack lists."""
+    return [lp[0], [list(t) for t in lp[1]]]
+
+
 def to_delta(o: RequestOutput, handover: P.Handover | None = None) -> P.Delta:
-    lps = [[lp, [list(t) for t in top]] for lp, top in o.new_logprobs]
+    lps = [wire_logprobs(lp) for lp in o.new_logprobs]
     return P.Delta(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason,
                    o.stop_reason, lps, o.num_prompt_tokens, o.num_cached_tokens,
                    len(o.token_ids), handover)
@@ -97,7 +102,6 @@ class _Reservation:
 
     msg: P.Reserve
     deadline: float = 0.0
-    t_reserved: float = 0.0
     fenced_at: float | None = None
     started: bool = False  # a KVProgress arrived: the prefill worker is writing it
 
@@ -111,15 +115,11 @@ class Worker:
         self.worker_id = cfg.worker_id or f"{cfg.role}-{socket.gethostname()}-{os.getpid()}"
         if cfg.cores:
             os.sched_setaffinity(0, cfg.cores)
-        ec = cfg.engine
-        if ec.scheduler.role != cfg.role:
-            ec = EngineConfig(**{**ec.__dict__, "scheduler": SchedulerConfig(
-                **{**ec.scheduler.__dict__, "role": cfg.role})})
-        if cfg.role == "decode" and ec.cache.enable_prefix_caching:
+        ec = replace(cfg.engine, scheduler=replace(cfg.engine.scheduler, role=cfg.role))
+        if cfg.role == "decode":
             # decode-side prefix hits are not used (reserve takes the whole prompt); caching
             # the written blocks would only keep stale hashes alive
-            ec = EngineConfig(**{**ec.__dict__, "cache": CacheConfig(
-                **{**ec.cache.__dict__, "enable_prefix_caching": False})})
+            ec = replace(ec, cache=replace(ec.cache, enable_prefix_caching=False))
         if cfg.role == "decode" and cfg.data_host in ("*", "0.0.0.0", "::", ""):
             raise SplitServeError(f"--data-host {cfg.data_host!r} is not an address prefill workers "
                                   "can connect to; give this host's IP")
@@ -141,8 +141,7 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.stats = P.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
-        # counters of senders already closed (their peer died)
-        self._closed_bytes, self._closed_seconds, self._closed_transfers = 0, 0.0, 0
+        self._retired: list[KVSender] = []  # closed (their peer died); counted in the stats
         self.running = True
         self.receiver = None
         # prefill
@@ -311,9 +310,10 @@ class Worker:
         st.waiting = len(eng.scheduler.waiting) + len(self.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
         if self.role == "prefill":
-            st.kv_bytes_sent = sum(s.bytes_sent for s in self.senders.values()) + self._closed_bytes
-            st.kv_transfer_seconds = sum(s.seconds for s in self.senders.values()) + self._closed_seconds
-            st.kv_transfers = sum(s.transfers for s in self.senders.values()) + self._closed_transfers
+            senders = [*self.senders.values(), *self._retired]
+            st.kv_bytes_sent = sum(s.bytes_sent for s in senders)
+            st.kv_transfer_seconds = sum(s.seconds for s in senders)
+            st.kv_transfers = sum(s.transfers for s in senders)
         if self.receiver is not None:
             st.kv_bytes_received = self.receiver.bytes_received
         if not (eng.has_unfinished() or self.pending or self.reservations or self.targets):
@@ -378,10 +378,8 @@ class Worker:
     def _on_peergone(self, msg: P.PeerGone) -> None:
         s = self.senders.pop(msg.worker_id, None)
         if s is not None:
-            self._closed_bytes += s.bytes_sent
-            self._closed_seconds += s.seconds
-            self._closed_transfers += s.transfers
             s.close()
+            self._retired.append(s)
         for m in [m for m in self.pending if m.prefill_worker_id == msg.worker_id]:
             self.pending.remove(m)
         for rid, t in list(self.targets.items()):
@@ -451,9 +449,10 @@ class Worker:
             b0, b1 = min(t.next_block, ch.start // bs), -(-end // bs)
             src = self.engine.kv_manager.block_ids(rid)[b0:b1]
             try:
-                t0 = time.perf_counter()
-                t.bytes += self.senders[t.peer.worker_id].write_layer(rid, layer, src, t.dst_blocks[b0:b1])
-                t.write_seconds += time.perf_counter() - t0
+                sender = self.senders[t.peer.worker_id]
+                before = sender.seconds  # the sender times its writes; this request's share
+                t.bytes += sender.write_layer(rid, layer, src, t.dst_blocks[b0:b1])
+                t.write_seconds += sender.seconds - before
             except (TransferError, KeyError) as e:
                 t.error = str(e) if isinstance(e, TransferError) else "decode worker is gone"
             if last:
@@ -476,8 +475,7 @@ class Worker:
             if not o.new_token_ids:  # finished without a token (outgrew the pool)
                 self._fail(rid, f"prefill could not finish ({o.finish_reason})")
                 continue
-            lp = o.new_logprobs[0] if o.new_logprobs else None
-            first_lp = None if lp is None else [lp[0], [list(x) for x in lp[1]]]
+            first_lp = wire_logprobs(o.new_logprobs[0]) if o.new_logprobs else None
             try:
                 sender = self.senders[t.peer.worker_id]
                 sender.done(P.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
@@ -504,7 +502,7 @@ class Worker:
             if blocks is None:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
-            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_queue_timeout_s, now)
+            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_queue_timeout_s)
             self._send(P.Reserved(msg.request_id, blocks))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -163,20 +164,18 @@ class Conductor:
         status = ("ok" if not self.dead else "degraded") if self.is_ready() else (
             "starting" if not self.dead else "unavailable")
         return {"status": status, "workers": [
-            {"worker_id": w.info.worker_id, "role": w.info.role, "pid": w.info.pid,
-             "alive": w.alive, "running": w.stats.running, "waiting": w.stats.waiting,
-             "kv_blocks_used": w.stats.kv_blocks_used, "kv_blocks_total": w.stats.kv_blocks_total,
-             "outstanding": len(w.requests), "kv_transport": w.info.transport,
-             "integrity_errors": w.stats.integrity_errors}
+            {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive,
+             "outstanding": len(w.requests), "kv_transport": w.info.transport}
             for w in self.workers.values()], "dead": list(self.dead)}
 
     def worker_stats(self) -> list[dict]:
-        return [{"worker_id": w.info.worker_id, "role": w.info.role, "running": w.stats.running,
-                 "waiting": w.stats.waiting, "kv_blocks_used": w.stats.kv_blocks_used,
-                 "kv_blocks_total": w.stats.kv_blocks_total, "kv_bytes_sent": w.stats.kv_bytes_sent,
-                 "kv_bytes_received": w.stats.kv_bytes_received,
-                 "kv_transfer_seconds": w.stats.kv_transfer_seconds, "kv_transfers": w.stats.kv_transfers}
-                for w in self.workers.values() if w.alive]
+        return [self._worker_row(w) for w in self.workers.values() if w.alive]
+
+    @staticmethod
+    def _worker_row(w: WorkerHandle) -> dict:
+        """A worker's identity and its last heartbeat's numbers (every WorkerStats field)."""
+        return {"worker_id": w.info.worker_id, "role": w.info.role,
+                **msgspec.structs.asdict(w.stats)}
 
     # -- requests ----------------------------------------------------------------------------
     def _pick(self, role: str) -> str | None:

@@ -8,7 +8,6 @@ now) is dropped, never written.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable
 
@@ -32,7 +31,6 @@ class KVReceiver:
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.addr = f"tcp://{host}:{port}"
         self.bytes_received = 0
-        self.seconds = 0.0
         self.senders: dict[bytes, str] = {}  # socket identity -> prefill worker id
         self.dropped_layers = 0
         self.bad: set[str] = set()  # requests one of whose layers arrived malformed
@@ -79,7 +77,6 @@ class KVReceiver:
             self.dropped_layers += 1
             self.bad.add(msg.request_id)
             return
-        t0 = time.perf_counter()
         kv = self.cache.kv
         n = len(msg.block_ids)
         shape = (2, n, *kv.shape[3:])
@@ -95,7 +92,6 @@ class KVReceiver:
         idx = torch.tensor(msg.block_ids, dtype=torch.long)
         kv[msg.layer].index_copy_(1, idx, data.to(kv.device))
         self.bytes_received += expect
-        self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         self.sock.close(linger=0)

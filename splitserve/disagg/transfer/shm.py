@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 
+import msgspec
 import torch
 import zmq
 
@@ -34,20 +35,26 @@ def _pool_shape(spec: P.KVSpec, num_blocks: int) -> tuple[int, ...]:
     return (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
 
 
+def _file_bytes(spec: P.KVSpec, num_blocks: int) -> int:
+    """Header + pool."""
+    elem = torch.empty(0, dtype=_DTYPES[spec.dtype]).element_size()
+    return HEADER + torch.Size(_pool_shape(spec, num_blocks)).numel() * elem
+
+
 def _map(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
     """Map the pool with every page populated up front: a first touch costs a page fault
     (~2-5 us per 4 KiB), which on a fresh pool made the hand-over of a 1k-token prompt 3-4x
     slower than the copy itself."""
-    shape = _pool_shape(spec, num_blocks)
-    dtype = _DTYPES[spec.dtype]
-    nbytes = HEADER + torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     fd = os.open(path, os.O_RDWR)
     try:
-        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        mm = mmap.mmap(fd, _file_bytes(spec, num_blocks), flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
     whole = torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive as long as the tensor
-    return whole[HEADER:].view(dtype).view(shape)
+    return whole[HEADER:].view(_DTYPES[spec.dtype]).view(_pool_shape(spec, num_blocks))
+
+
+MAX_RUNS = 4  # more runs than this: one gather + one scatter instead of slice copies
 
 
 def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
@@ -68,9 +75,6 @@ def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_id
         return
     for s0, d0, k in runs:
         dst[:, d0:d0 + k].copy_(src[:, s0:s0 + k])
-
-
-MAX_RUNS = 4
 
 
 def remove_stale_pools(directory: str = SHM_DIR) -> None:
@@ -95,12 +99,10 @@ def create_pool(spec: P.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tu
         raise TransferError(f"shared-memory directory {directory} does not exist (use --kv-transport tcp)")
     remove_stale_pools(directory)
     path = os.path.join(directory, f"splitserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    header = json.dumps({"kv": {f: getattr(spec, f) for f in spec.__struct_fields__},
-                         "num_blocks": num_blocks}).encode()
+    header = json.dumps({"kv": msgspec.structs.asdict(spec), "num_blocks": num_blocks}).encode()
     if len(MAGIC) + 4 + len(header) > HEADER:
         raise TransferError("KV spec too long for the shared-memory header")
-    shape = _pool_shape(spec, num_blocks)
-    nbytes = HEADER + torch.Size(shape).numel() * torch.empty(0, dtype=_DTYPES[spec.dtype]).element_size()
+    nbytes = _file_bytes(spec, num_blocks)
     try:
         # 0600: the pool holds every prompt's KV; only this user's workers may map it
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
