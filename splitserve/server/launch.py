@@ -15,6 +15,11 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from splitserve.config import EngineConfig
 
 log = logging.getLogger("splitserve.serve")
 
@@ -83,6 +88,24 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
     return cmd
 
 
+def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a) -> list[subprocess.Popen]:
+    """Start worker i (id "<role>-<i>") on core_groups[i] and tell the conductor its process;
+    `a` carries the worker flags (see worker_command)."""
+    gpus = visible_gpus(a.device)
+    procs = []
+    for i, (role, cores) in enumerate(zip(roles, core_groups)):
+        wid = f"{role}-{i}"
+        env = dict(os.environ)
+        if gpus:  # one GPU per worker (shared round-robin when there are fewer GPUs)
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a),
+                                stdin=subprocess.DEVNULL, env=env)
+        conductor.attach_process(wid, proc)
+        procs.append(proc)
+        log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)
+    return procs
+
+
 async def serve(a) -> int:
     import uvicorn
 
@@ -99,18 +122,7 @@ async def serve(a) -> int:
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout)
     await conductor.start()
-    gpus = visible_gpus(a.device)
-    procs = []
-    for i, (role, cores) in enumerate(zip(roles, core_groups)):
-        wid = f"{role}-{i}"
-        env = dict(os.environ)
-        if gpus:  # one GPU per worker (shared round-robin when there are fewer GPUs)
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a),
-                                stdin=subprocess.DEVNULL, env=env)
-        conductor.attach_process(wid, proc)
-        procs.append(proc)
-        log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)
+    procs = spawn_workers(conductor, roles, core_groups, a)
     app = build_app(conductor, served, api_key=a.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=2))
@@ -186,17 +198,18 @@ def run_serve(a) -> int:
         return 0
 
 
-def run_worker_cli(a) -> int:
-    from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+def run_worker_cli(a, engine: EngineConfig) -> int:
+    """`splitserve worker`: `engine` holds the engine flags every subcommand shares; the
+    worker's own flags (cache, scheduler, role) are applied here."""
+    from splitserve.config import CacheConfig, SchedulerConfig
     from splitserve.disagg.worker import WorkerConfig, run_worker
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {a.worker_id or a.role} "
                         "%(levelname)s %(message)s")
     router = a.router if a.router.startswith("tcp://") else f"tcp://{a.router}"
     cores = tuple(parse_core_lists(a.cores)[0]) if a.cores else None
-    ec = EngineConfig(
-        model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
-        num_threads=a.threads or (len(cores) if cores else None), fast_linear=not a.no_fast_linear,
+    ec = replace(
+        engine, num_threads=engine.num_threads or (len(cores) if cores else None),
         max_model_len=a.max_model_len,
         cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb),
         scheduler=SchedulerConfig(max_num_batched_tokens=a.max_num_batched_tokens,
