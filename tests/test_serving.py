@@ -156,6 +156,7 @@ def test_prompt_over_the_context_is_a_400(server):
 def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_served(real_model_path):
     s = Server("--prefill", "1", "--decode", "2")
     try:
+        assert len(s.workers("decode")) == 2, s.health()  # "ok" waits for every worker
         c = _client(s)
         errors, texts, streamed = [], [], []
 

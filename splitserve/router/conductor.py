@@ -134,8 +134,14 @@ class Conductor:
 
     # -- what the API asks -------------------------------------------------------------------
     def is_ready(self) -> bool:
+        """Requests can be served: a co-located worker, or a prefill and a decode worker, live."""
         live = [w.info.role for w in self.workers.values() if w.alive]
         return "colocated" in live or ("prefill" in live and "decode" in live)
+
+    def starting(self) -> list[str]:
+        """Workers this process started that have neither registered nor exited yet."""
+        return [wid for wid, proc in self._procs.items()
+                if wid not in self.workers and wid not in self.dead and proc.poll() is None]
 
     @property
     def max_model_len(self) -> int:
@@ -161,9 +167,17 @@ class Conductor:
         return self.prompts
 
     def health(self) -> dict:
-        status = ("ok" if not self.dead else "degraded") if self.is_ready() else (
-            "starting" if not self.dead else "unavailable")
-        return {"status": status, "workers": [
+        """status: "starting" until every worker this process started has registered (or died)
+        and requests can be served; then "ok", or "degraded" once a worker has died;
+        "unavailable" when the workers left cannot serve."""
+        starting = self.starting()
+        if self.is_ready() and not starting:
+            status = "ok" if not self.dead else "degraded"
+        elif starting or not self.dead:
+            status = "starting"
+        else:
+            status = "unavailable"
+        return {"status": status, "starting": starting, "workers": [
             {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive,
              "outstanding": len(w.requests), "kv_transport": w.info.transport}
             for w in self.workers.values()], "dead": list(self.dead)}
@@ -378,6 +392,7 @@ class Conductor:
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(0.1)
+            self._reap_unregistered()
             now = time.monotonic()
             for w in list(self.workers.values()):
                 if not w.alive:
@@ -387,6 +402,14 @@ class Conductor:
                     why = (f"exited with code {w.proc.returncode}" if exited else
                            f"silent for {now - w.last_seen:.1f} s")
                     self._worker_died(w, why)
+
+    def _reap_unregistered(self) -> None:
+        """A child that exited before it registered is dead too (or health would say
+        "starting" for ever)."""
+        for wid, proc in self._procs.items():
+            if wid not in self.workers and wid not in self.dead and proc.poll() is not None:
+                self.dead.append(wid)
+                log.error("worker %s exited with code %s before registering", wid, proc.returncode)
 
     def _worker_died(self, w: WorkerHandle, why: str) -> None:
         wid = w.info.worker_id

@@ -128,12 +128,14 @@ async def serve(a) -> int:
                                            timeout_graceful_shutdown=2))
 
     async def announce():
-        while not conductor.is_ready():
+        while conductor.starting() or not conductor.is_ready():
             if all(p.poll() is not None for p in procs) and procs:
                 log.error("every worker exited; see their errors above")
                 server.should_exit = True
                 return
             await asyncio.sleep(0.2)
+        if conductor.dead:
+            log.error("workers %s exited at start; serving with the rest", ", ".join(conductor.dead))
         print(f"splitserve: serving {served!r} on http://{a.host}:{a.port}/v1 with "
               f"{', '.join(roles)} workers (router {conductor.addr})", file=sys.stderr, flush=True)
 
