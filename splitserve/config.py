@@ -186,12 +186,17 @@ class SchedulerConfig:
     # False: vLLM-v0-style prefill priority: whole prompts first, decodes wait for them.
     chunked_prefill: bool = True
     role: Role = "colocated"
+    # Chunked mode: a step that also decodes prefills at most this many prompt tokens (None:
+    # the whole budget). A decode worker's own prefills use it to keep its decode steps short.
+    prefill_chunk_while_decoding: int | None = None
 
     def __post_init__(self):
         if self.role not in ("colocated", "prefill", "decode"):
             raise InvalidRequestError(f"role must be colocated, prefill or decode, got {self.role!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.prefill_chunk_while_decoding is not None and self.prefill_chunk_while_decoding < 1:
+            raise InvalidRequestError("prefill_chunk_while_decoding must be >= 1 (or None)")
 
 
 @dataclass(frozen=True)

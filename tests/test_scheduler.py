@@ -12,10 +12,11 @@ from splitserve.request import Request, RequestStatus, SamplingParams
 EOS = 2
 
 
-def make(num_blocks=64, block_size=4, budget=16, chunked=True, role="colocated", max_seqs=16, max_len=256):
+def make(num_blocks=64, block_size=4, budget=16, chunked=True, role="colocated", max_seqs=16, max_len=256,
+         cap=None):
     kv = KVCacheManager(num_blocks, block_size, root_hash("m", block_size))
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
-                          chunked_prefill=chunked, role=role)
+                          chunked_prefill=chunked, role=role, prefill_chunk_while_decoding=cap)
     return Scheduler(cfg, kv, max_model_len=max_len, eos_token_ids=[EOS])
 
 
@@ -188,8 +189,6 @@ def test_prefill_role_holds_blocks_until_release():
 def test_decode_role_reserve_admit_decode():
     s = make(role="decode", num_blocks=8)
     r = req("a", 9, max_tokens=4)
-    with pytest.raises(InvalidRequestError):
-        s.add_request(r)
     blocks = s.reserve(r)
     assert len(blocks) == 3 and r.status is RequestStatus.WAITING_FOR_KV
     assert s.reserve(req("big", 30)) is None  # does not fit now: refused, nothing held
@@ -202,6 +201,42 @@ def test_decode_role_reserve_admit_decode():
     assert r.output_token_ids == [42, 7, 7, 7] and s.kv.pool.usage()["in_use"] == 0
     with pytest.raises(InvalidRequestError):
         s.admit("nope", 1)
+
+
+def test_decode_role_prefills_locally_in_small_chunks_beside_its_decodes():
+    # conditional disaggregation: the router gave the decode worker a prompt of its own
+    s = make(role="decode", budget=16, cap=3)
+    own = req("own", 20, max_tokens=2)
+    s.add_request(own)
+    out = step(s)  # nothing decoding: the whole budget goes to the prompt
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("own", 16)]
+    handed = req("handed", 8, max_tokens=5)
+    s.reserve(handed)
+    s.admit("handed", 42)  # a hand-over lands while the local prefill is half done
+    out = step(s)
+    assert {c.request.request_id: c.num_new_tokens for c in out.chunks} == {"own": 3, "handed": 1}
+    out = step(s)  # the last prompt token: the prompt is done, its first token sampled
+    assert {c.request.request_id: c.num_new_tokens for c in out.chunks} == {"own": 1, "handed": 1}
+    assert own.output_token_ids == [7]
+    run(s)
+    assert own.output_token_ids == [7, 7] and handed.output_token_ids == [42, 7, 7, 7, 7]
+    assert s.kv.pool.usage()["in_use"] == 0
+
+
+def test_prefill_chunk_while_decoding_caps_waiting_prompts_too_and_not_without_decodes():
+    s = make(budget=16, cap=4)
+    a = req("a", 4, max_tokens=8)
+    s.add_request(a)
+    step(s)  # a prefilled, decoding from now on
+    s.add_request(req("b", 12))
+    s.add_request(req("c", 12))
+    out = step(s)
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("a", 1), ("b", 4)]
+    s.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    out = step(s)  # nothing decodes: the cap is off, the full budget prefills
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("b", 8), ("c", 8)]
+    with pytest.raises(InvalidRequestError):
+        SchedulerConfig(prefill_chunk_while_decoding=0)
 
 
 def test_decode_role_first_token_can_finish():

@@ -17,6 +17,12 @@ Roles differ only in where a request enters and leaves:
   colocated  add_request -> ... -> finished (stop / length)
   prefill    add_request -> first token -> FINISHED_PREFILLED, blocks held until release()
   decode     reserve() blocks -> KV written by a prefill worker -> admit(first token) -> ...
+             or add_request, like colocated: a prefill the router gave the decode worker
+             itself while it had nothing to decode (conditional disaggregation)
+
+`prefill_chunk_while_decoding` caps the prompt tokens of a step that also decodes (chunked
+mode): a decode worker's own prefill then advances in small chunks beside the decodes instead
+of stalling them for a whole prompt.
 """
 
 from __future__ import annotations
@@ -94,8 +100,6 @@ class Scheduler:
             )
 
     def add_request(self, req: Request) -> None:
-        if self.config.role == "decode":
-            raise InvalidRequestError("a decode-role engine takes requests via reserve()/admit()")
         self._check_new(req)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
@@ -146,20 +150,32 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if self.config.chunked_prefill:
-            budget = self._schedule_running(out, budget)
+            cap = self.config.prefill_chunk_while_decoding
+            decoding = cap is not None and any(
+                r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+            prefill_budget = cap if decoding else budget
+            budget, prefill_budget = self._schedule_running(out, budget, prefill_budget)
             if not out.preempted:
-                self._schedule_waiting(out, budget, chunked=True)
+                self._schedule_waiting(out, min(budget, prefill_budget), chunked=True)
         else:
             self._schedule_waiting(out, budget, chunked=False)
             if out.is_empty:
-                self._schedule_running(out, budget)
+                self._schedule_running(out, budget, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          prefill_budget: int) -> tuple[int, int]:
+        """Running requests in order, each its next token or prompt chunk, within `budget`,
+        prompt chunks also within `prefill_budget`; returns both budgets left."""
+        pb = prefill_budget
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            num_new = min(left, budget) if left == 1 else min(left, budget, pb)
+            if num_new == 0:
+                i += 1  # a prompt chunk with no prefill budget left this step
+                continue
             if self._outgrows_pool(req, req.num_computed_tokens + num_new, out):
                 continue  # finished with "length"; running[i] is now the next request
             while not self.kv.allocate_slots(req, num_new):
@@ -167,11 +183,13 @@ class Scheduler:
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
-                    return budget
+                    return budget, pb
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
             budget -= num_new
+            if left > 1:
+                pb -= num_new
             i += 1
-        return budget
+        return budget, pb
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
