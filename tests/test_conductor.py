@@ -35,3 +35,14 @@ def test_health_waits_for_every_started_worker_and_counts_one_that_died_unregist
                                                 "dead": ["decode-2", "prefill-0", "decode-1"]}
     finally:
         c.ctx.term()
+
+
+def test_local_prefill_picks_an_idle_decode_worker_only_when_the_prefill_worker_has_a_queue():
+    from splitserve.router.policies import DecodeLoad, LocalPrefill
+
+    p = LocalPrefill()
+    idle, busy = DecodeLoad("d1", 0), DecodeLoad("d0", 2)
+    assert p.pick(0, [idle, busy]) is None  # the prefill worker is free: the usual P/D path
+    assert p.pick(700, [busy]) is None  # every decode worker is decoding: do not stall them
+    assert p.pick(700, [busy, idle]) == "d1"
+    assert LocalPrefill(min_queued_tokens=1000).pick(700, [idle]) is None

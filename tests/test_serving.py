@@ -153,6 +153,46 @@ def test_prompt_over_the_context_is_a_400(server):
     assert "context" in r.json()["error"]["message"]
 
 
+def test_an_idle_decode_worker_prefills_a_queued_request_itself(real_model_path, offline):
+    # conditional disaggregation: while the prefill worker is busy with a long prompt and the
+    # decode worker has nothing to decode, the next request is prefilled on the decode worker
+    s = Server("--kv-cache-gb", "0.08")
+    try:
+        c = _client(s)
+        results = {}
+
+        def long_one(prefix=""):  # a new prefix each time: no prefix-cache hits make it short
+            results["a"] = c.completions.create(model="default", prompt=prefix + LONG * 6,
+                                                max_tokens=8, temperature=0).choices[0].text
+
+        a = threading.Thread(target=long_one)
+        a.start()
+        _wait_for(lambda: s.workers("prefill")[0]["outstanding"], what="the long prompt")
+        comp = c.completions.create(model="default", prompt=LONG, temperature=0, max_tokens=32)
+        assert comp.choices[0].text == offline["long"]
+        a.join(60)
+        assert results["a"]
+
+        # a local request dropped mid-stream frees its blocks too
+        a = threading.Thread(target=long_one, args=("Once more. ",))
+        a.start()
+        _wait_for(lambda: s.workers("prefill")[0]["outstanding"], what="the long prompt")
+        with httpx.Client(timeout=60) as h, h.stream("POST", s.base_url + "/completions", json={
+                "model": "default", "prompt": LONG, "max_tokens": 200, "stream": True}) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: {")
+                if got >= 3:
+                    break
+        a.join(60)
+        ws = s.wait_idle()
+        assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 for w in ws), ws
+        decode = s.workers("decode")[0]
+        assert decode["local_prefills"] == 2 and decode["kv_transfers"] == 2, decode
+    finally:
+        s.close()
+
+
 def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_served(real_model_path):
     s = Server("--prefill", "1", "--decode", "2")
     try:

@@ -1,5 +1,6 @@
 """`splitserve bench compare`: one workload, in one run, against several deployments with the
-same total cores, each started and stopped here: P/D disaggregated (1 prefill + 1 decode),
+same total cores, each started and stopped here: P/D disaggregated (1 prefill + 1 decode; `pd`
+as served by default, with conditional local prefill on an idle decode worker, and `pd-pure`),
 co-located with chunked prefill (Sarathi-style), co-located with prefill priority (vLLM-style,
 no chunking), and llama.cpp's `llama-server` when it is installed. Writes a markdown table, JSON
 and (with matplotlib) attainment-vs-rate and TTFT/TPOT CDF plots.
@@ -25,7 +26,7 @@ from splitserve.bench.goodput import to_markdown
 
 def add_args(p: argparse.ArgumentParser) -> None:
     S.add_workload_args(p)
-    p.add_argument("--deployments", default="pd,chunked,prefill-first,llama-server")
+    p.add_argument("--deployments", default="pd,pd-pure,chunked,prefill-first,llama-server")
     p.add_argument("--goodput", default="0.1,2.0", metavar="LO,HI")
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--tol", type=float, default=0.1)
@@ -51,8 +52,9 @@ def _command(name: str, port: int, a) -> list[str] | None:
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port),
             "--kv-cache-gb", "0.5", "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}",
             "--threads", str(half)]
-    if name == "pd":
-        return base + ["--prefill", "1", "--decode", "1"]
+    if name in ("pd", "pd-pure"):  # pd-pure: every prefill on the prefill worker
+        return base + ["--prefill", "1", "--decode", "1",
+                       *(["--local-prefill", "off"] if name == "pd-pure" else [])]
     if name in ("chunked", "prefill-first"):
         # prefill-first runs whole prompts first: its budget must hold the longest prompt
         chunked = name == "chunked"

@@ -50,7 +50,7 @@ async def _run_transport(a, transport: str) -> dict:
     from splitserve.router.conductor import Conductor
     from splitserve.server.launch import spawn_workers, split_cores
 
-    c = Conductor(a.model)
+    c = Conductor(a.model, local_prefill=False)  # every request goes through a hand-over
     await c.start()
     procs = []
     try:

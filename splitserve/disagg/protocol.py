@@ -83,6 +83,7 @@ class WorkerStats(msgspec.Struct):
     kv_bytes_received: int = 0
     kv_transfer_seconds: float = 0.0  # time spent writing KV (prefill) / in hand-overs (decode)
     kv_transfers: int = 0
+    local_prefills: int = 0  # decode: prompts the router had it prefill itself
     steps: int = 0
     # the block pool's integrity check, run whenever the worker is idle; > 0 means a bug
     integrity_errors: int = 0

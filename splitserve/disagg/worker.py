@@ -352,10 +352,14 @@ class Worker:
         self.running = False
 
     def _on_generate(self, msg: P.Generate) -> None:
+        """The whole request here: a co-located worker's, or a decode worker's own prefill."""
         try:
             self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), msg.request_id)
         except SplitServeError as e:
             self._fail(msg.request_id, str(e))
+            return
+        if self.role == "decode":
+            self.stats.local_prefills += 1
 
     def _on_abort(self, msg: P.Abort) -> None:
         rid = msg.request_id

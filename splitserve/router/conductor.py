@@ -28,7 +28,7 @@ import zmq.asyncio
 from splitserve.disagg import protocol as P
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
 from splitserve.request import SamplingParams
-from splitserve.router.policies import LeastLoaded, WorkerLoad
+from splitserve.router.policies import DecodeLoad, LeastLoaded, LocalPrefill, WorkerLoad
 from splitserve.tokenization import PromptEncoder
 
 log = logging.getLogger("splitserve.router")
@@ -55,7 +55,7 @@ class _Track:
     prompt: list[int]
     params: SamplingParams
     queue: asyncio.Queue
-    worker: str | None = None  # colocated
+    worker: str | None = None  # colocated, or a decode worker prefilling it itself
     prefill: str | None = None
     decode: str | None = None
     prefill_sent: bool = False
@@ -68,7 +68,7 @@ class _Track:
 class Conductor:
     def __init__(self, model: str = "default", served_model_name: str = "default",
                  bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
-                 tokenizer=None):
+                 tokenizer=None, local_prefill: bool = True):
         self.model = model
         self.served_model_name = served_model_name
         self.bind = bind
@@ -78,6 +78,7 @@ class Conductor:
         self.workers: dict[str, WorkerHandle] = {}
         self.reference: P.Register | None = None  # the first worker: the others must agree
         self.policies = {role: LeastLoaded() for role in ("colocated", "prefill", "decode")}
+        self.local_prefill = LocalPrefill() if local_prefill else None
         self._tracks: dict[str, _Track] = {}
         self._tasks: list[asyncio.Task] = []
         self.addr = ""
@@ -208,14 +209,19 @@ class Conductor:
                                       f"context is {self.max_model_len}")
         t = _Track(request_id, list(prompt_token_ids), params, asyncio.Queue())
         wp = P.Params.of(params)
-        colocated = self._pick("colocated")
-        if colocated is not None:
-            t.worker = colocated
-            self._own(t, colocated)
+        # one worker runs the whole request: a co-located one, or a decode worker prefilling
+        # it itself (conditional disaggregation)
+        whole = self._pick("colocated")
+        prefill = self._pick("prefill") if whole is None else None
+        if prefill is not None and self.local_prefill is not None:
+            whole = self._local_prefill_target(prefill)
+        if whole is not None:
+            t.worker = whole
+            self._own(t, whole)
             self._tracks[request_id] = t
-            self._send(colocated, P.Generate(request_id, t.prompt, wp), t)
+            self._send(whole, P.Generate(request_id, t.prompt, wp), t)
         else:
-            t.prefill, t.decode = self._pick("prefill"), self._pick("decode")
+            t.prefill, t.decode = prefill, self._pick("decode")
             if t.prefill is None or t.decode is None:
                 raise ServiceUnavailable("no prefill+decode pair is alive")
             self._own(t, t.prefill)
@@ -232,10 +238,6 @@ class Conductor:
                     self._abort(t)
                     raise item
                 yield item
-                if item.handover is not None and t.prefill in self.workers:
-                    # the prefill worker is done with it: its death no longer concerns us
-                    self.workers[t.prefill].requests.discard(request_id)
-                    t.prefill_done = True
                 if item.finished:
                     t.done = True
                     return
@@ -246,6 +248,15 @@ class Conductor:
             for wid in (t.worker, t.prefill, t.decode):
                 if wid in self.workers:
                     self.workers[wid].requests.discard(request_id)
+
+    def _local_prefill_target(self, prefill: str) -> str | None:
+        """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
+        tracks = [t for t in self._tracks.values() if not t.done]
+        queued = sum(len(t.prompt) for t in tracks if t.prefill == prefill and not t.prefill_done)
+        decodes = [DecodeLoad(wid, sum(1 for t in tracks if t.worker == wid
+                                       or (t.decode == wid and t.prefill_done)))
+                   for wid, w in self.workers.items() if w.alive and w.info.role == "decode"]
+        return self.local_prefill.pick(queued, decodes)
 
     def _own(self, t: _Track, wid: str) -> None:
         self.workers[wid].requests.add(t.request_id)
@@ -304,6 +315,10 @@ class Conductor:
                 if t is not None and wid in (t.worker, t.decode):
                     if d.handover is not None:
                         d.handover.reserve_seconds = t.reserve_seconds
+                        t.prefill_done = True
+                        if t.prefill in self.workers:
+                            # the prefill worker is done with it: its death no longer concerns us
+                            self.workers[t.prefill].requests.discard(t.request_id)
                     t.queue.put_nowait(d)
         elif isinstance(msg, P.Failed):
             t = self._tracks.get(msg.request_id)

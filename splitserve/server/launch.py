@@ -74,7 +74,8 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
            "--model", a.model, "--dtype", a.dtype,
            "--device", a.device, "--threads", str(a.threads or len(cores)),
            "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-           "--max-num-seqs", str(a.max_num_seqs), "--kv-cache-gb", str(a.kv_cache_gb)]
+           "--max-num-seqs", str(a.max_num_seqs), "--kv-cache-gb", str(a.kv_cache_gb),
+           "--local-prefill-chunk", str(a.local_prefill_chunk)]
     if a.quantization:
         cmd += ["--quantization", a.quantization]
     if a.no_fast_linear:
@@ -120,7 +121,8 @@ async def serve(a) -> int:
     if len(core_groups) != len(roles):
         raise SystemExit(f"--worker-cores names {len(core_groups)} groups for {len(roles)} workers")
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
-    conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout)
+    conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
+                          local_prefill=a.local_prefill == "auto")
     await conductor.start()
     procs = spawn_workers(conductor, roles, core_groups, a)
     app = build_app(conductor, served, api_key=a.api_key)
@@ -164,6 +166,10 @@ def add_serve_args(p) -> None:
                    help="the router's control socket (bind beyond loopback for remote workers)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--local-prefill", default="auto", choices=["auto", "off"],
+                   help="P/D: a request whose prefill would queue behind another while a decode "
+                        "worker has nothing to decode is prefilled on that decode worker (auto), "
+                        "or always on a prefill worker (off)")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker counts as dead")
     p.add_argument("--log-level", default="warning")
@@ -180,6 +186,9 @@ def add_worker_args(p) -> None:
                    help="how long a reserved request may wait for its prefill to start")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--local-prefill-chunk", type=int, default=16,
+                   help="decode workers: prompt tokens per step of a prefill the router gave the "
+                        "decode worker itself (see serve --local-prefill) while it also decodes")
     p.add_argument("--no-chunked-prefill", action="store_true",
                    help="prefill priority (vLLM v0 style) instead of Sarathi-style chunking")
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
@@ -216,7 +225,9 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
         cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb),
         scheduler=SchedulerConfig(max_num_batched_tokens=a.max_num_batched_tokens,
                                   max_num_seqs=a.max_num_seqs,
-                                  chunked_prefill=not a.no_chunked_prefill, role=a.role))
+                                  chunked_prefill=not a.no_chunked_prefill, role=a.role,
+                                  prefill_chunk_while_decoding=(a.local_prefill_chunk
+                                                                if a.role == "decode" else None)))
     cfg = WorkerConfig(a.role, router, ec, a.worker_id or "", a.kv_transport, a.kv_timeout,
                        a.kv_queue_timeout, a.data_host, cores, a.parent_pid)
     return run_worker(cfg)

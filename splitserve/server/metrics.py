@@ -117,6 +117,9 @@ class WorkerCollector:
                                          labels=labels)
         kv_transfers = CounterMetricFamily("splitserve_kv_transfers", "KV hand-overs",
                                            labels=labels)
+        local_prefills = CounterMetricFamily(
+            "splitserve_local_prefills", "Prompts a decode worker prefilled itself "
+            "(conditional disaggregation)", labels=labels)
         for s in stats:
             key = [str(s["worker_id"]), str(s["role"])]
             for field, family in gauges.items():
@@ -125,7 +128,9 @@ class WorkerCollector:
             kv_bytes.add_metric(key + ["received"], s.get("kv_bytes_received", 0))
             kv_seconds.add_metric(key, s.get("kv_transfer_seconds", 0.0))
             kv_transfers.add_metric(key, s.get("kv_transfers", 0))
+            local_prefills.add_metric(key, s.get("local_prefills", 0))
         yield from gauges.values()
         yield kv_bytes
         yield kv_seconds
         yield kv_transfers
+        yield local_prefills
