@@ -267,3 +267,22 @@ def test_release_of_an_unfinished_prefill_aborts_it():
     s.check_integrity()
     assert r.status is RequestStatus.FINISHED_ABORTED and not s.has_unfinished()
     assert s.kv.pool.usage()["in_use"] == 0
+
+
+def test_decode_role_local_prefill_waits_while_reservations_hold_every_sequence_slot():
+    s = make(role="decode", max_seqs=2)
+    s.reserve(req("r1", 4))
+    s.reserve(req("r2", 4))
+    s.add_request(req("own", 4))
+    assert step(s).is_empty  # two reservations fill max_num_seqs: the local prompt waits
+    s.finish_request("r1", RequestStatus.FINISHED_ABORTED)
+    assert [c.request.request_id for c in step(s).chunks] == ["own"]
+
+
+def test_a_prompts_last_token_is_not_taken_for_a_decode():
+    s = make(budget=5, cap=2)
+    s.add_request(req("a", 6))
+    step(s)  # 5 of 6 prompt tokens
+    s.add_request(req("b", 8))
+    out = step(s)  # a's last prompt token is no decode: the cap stays off, b gets the rest
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("a", 1), ("b", 4)]

@@ -152,7 +152,8 @@ class Scheduler:
         if self.config.chunked_prefill:
             cap = self.config.prefill_chunk_while_decoding
             decoding = cap is not None and any(
-                r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+                r.num_tokens - r.num_computed_tokens == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+                for r in self.running)
             prefill_budget = cap if decoding else budget
             budget, prefill_budget = self._schedule_running(out, budget, prefill_budget)
             if not out.preempted:
@@ -192,7 +193,10 @@ class Scheduler:
         return budget, pb
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # a decode worker's reservations hold sequence slots too (reserve() counts them)
+        held = (sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
+                if self.config.role == "decode" else 0)
+        while self.waiting and budget > 0 and len(self.running) + held < self.config.max_num_seqs:
             req = self.waiting[0]
             if self._outgrows_pool(req, req.num_tokens, out):
                 continue

@@ -121,8 +121,13 @@ async def serve(a) -> int:
     if len(core_groups) != len(roles):
         raise SystemExit(f"--worker-cores names {len(core_groups)} groups for {len(roles)} workers")
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
+    local_prefill = a.local_prefill == "auto" and not a.colocated
+    if local_prefill and a.no_chunked_prefill:
+        log.warning("--no-chunked-prefill: a decode worker could not prefill beside its decodes "
+                    "in small chunks, so local prefill is off")
+        local_prefill = False
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
-                          local_prefill=a.local_prefill == "auto")
+                          local_prefill=local_prefill)
     await conductor.start()
     procs = spawn_workers(conductor, roles, core_groups, a)
     app = build_app(conductor, served, api_key=a.api_key)
@@ -131,8 +136,9 @@ async def serve(a) -> int:
 
     async def announce():
         while conductor.starting() or not conductor.is_ready():
-            if all(p.poll() is not None for p in procs) and procs:
-                log.error("every worker exited; see their errors above")
+            if not conductor.starting() and conductor.dead and not conductor.is_ready():
+                log.error("workers %s exited and the rest cannot serve; see their errors above",
+                          ", ".join(conductor.dead))
                 server.should_exit = True
                 return
             await asyncio.sleep(0.2)
