@@ -83,6 +83,7 @@ class Conductor:
         self._tasks: list[asyncio.Task] = []
         self.addr = ""
         self.dead: list[str] = []
+        self._stopping = False
         self._procs: dict[str, subprocess.Popen] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock = None
@@ -109,6 +110,7 @@ class Conductor:
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._monitor_loop())]
 
     async def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True  # workers exiting now are no failure to report
         for w in self.workers.values():
             if w.alive:
                 self._send(w.info.worker_id, P.Shutdown())
@@ -416,7 +418,8 @@ class Conductor:
                 if exited or now - w.last_seen > self.heartbeat_timeout_s:
                     why = (f"exited with code {w.proc.returncode}" if exited else
                            f"silent for {now - w.last_seen:.1f} s")
-                    self._worker_died(w, why)
+                    if not self._stopping:
+                        self._worker_died(w, why)
 
     def _reap_unregistered(self) -> None:
         """A child that exited before it registered is dead too (or health would say
