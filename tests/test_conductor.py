@@ -37,12 +37,15 @@ def test_health_waits_for_every_started_worker_and_counts_one_that_died_unregist
         c.ctx.term()
 
 
-def test_local_prefill_picks_an_idle_decode_worker_only_when_the_prefill_worker_has_a_queue():
+def test_local_prefill_goes_where_less_work_is_ahead_of_the_prompt():
     from splitserve.router.policies import DecodeLoad, LocalPrefill
 
-    p = LocalPrefill()
-    idle, busy = DecodeLoad("d1", 0), DecodeLoad("d0", 2)
-    assert p.pick(0, [idle, busy]) is None  # the prefill worker is free: the usual P/D path
-    assert p.pick(700, [busy]) is None  # every decode worker is decoding: do not stall them
-    assert p.pick(700, [busy, idle]) == "d1"
-    assert LocalPrefill(min_queued_tokens=1000).pick(700, [idle]) is None
+    p = LocalPrefill(busy_slowdown=2.0, max_decoding=2)
+    idle, decoding, full = DecodeLoad("d1", 0, 0), DecodeLoad("d0", 1, 0), DecodeLoad("d2", 3, 0)
+    assert p.pick(500, 0, [idle, decoding]) is None  # nothing queued at prefill: pure P/D
+    assert p.pick(500, 700, [full]) is None  # too many decoding there: leave their TPOT alone
+    assert p.pick(500, 700, [full, decoding, idle]) == "d1"  # the idle one first
+    assert p.pick(500, 400, [decoding]) is None  # 2 x 500 > 400 + 500: the prefill worker
+    assert p.pick(500, 600, [decoding]) == "d0"  # 2 x 500 < 600 + 500
+    busy_own = DecodeLoad("d1", 0, 800)  # idle but already prefilling 800 tokens of its own
+    assert p.pick(500, 700, [busy_own]) is None and p.pick(500, 900, [busy_own]) == "d1"

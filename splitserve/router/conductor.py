@@ -60,6 +60,7 @@ class _Track:
     decode: str | None = None
     prefill_sent: bool = False
     prefill_done: bool = False  # the decode worker has admitted it
+    first_token: bool = False  # an output arrived
     done: bool = False
     t_reserve: float = 0.0
     reserve_seconds: float = 0.0
@@ -216,7 +217,7 @@ class Conductor:
         whole = self._pick("colocated")
         prefill = self._pick("prefill") if whole is None else None
         if prefill is not None and self.local_prefill is not None:
-            whole = self._local_prefill_target(prefill)
+            whole = self._local_prefill_target(prefill, len(t.prompt))
         if whole is not None:
             t.worker = whole
             self._own(t, whole)
@@ -251,14 +252,19 @@ class Conductor:
                 if wid in self.workers:
                     self.workers[wid].requests.discard(request_id)
 
-    def _local_prefill_target(self, prefill: str) -> str | None:
+    def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:
         """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
         tracks = [t for t in self._tracks.values() if not t.done]
         queued = sum(len(t.prompt) for t in tracks if t.prefill == prefill and not t.prefill_done)
-        decodes = [DecodeLoad(wid, sum(1 for t in tracks if t.worker == wid
-                                       or (t.decode == wid and t.prefill_done)))
-                   for wid, w in self.workers.items() if w.alive and w.info.role == "decode"]
-        return self.local_prefill.pick(queued, decodes)
+        decodes = []
+        for wid, w in self.workers.items():
+            if w.alive and w.info.role == "decode":
+                own = [t for t in tracks if t.worker == wid]
+                decodes.append(DecodeLoad(
+                    wid, sum(1 for t in tracks if t.decode == wid and t.prefill_done)
+                    + sum(1 for t in own if t.first_token),
+                    sum(len(t.prompt) for t in own if not t.first_token)))
+        return self.local_prefill.pick(prompt_tokens, queued, decodes)
 
     def _own(self, t: _Track, wid: str) -> None:
         self.workers[wid].requests.add(t.request_id)
@@ -315,6 +321,7 @@ class Conductor:
                 t = self._tracks.get(d.request_id)
                 # only the worker serving this leg of the request may speak for it
                 if t is not None and wid in (t.worker, t.decode):
+                    t.first_token = True
                     if d.handover is not None:
                         d.handover.reserve_seconds = t.reserve_seconds
                         t.prefill_done = True

@@ -31,23 +31,36 @@ class LeastLoaded:
 @dataclass(frozen=True)
 class DecodeLoad:
     worker_id: str
-    busy: int  # requests decoding there, or prefilling there (local prefills)
+    decoding: int  # requests past their first token there (handed over, or its own)
+    prefill_tokens: int  # prompt tokens of its own prefills not done yet
 
 
 class LocalPrefill:
-    """Conditional disaggregation. A request whose prefill would wait behind queued prompts at
-    its prefill worker, while a decode worker has nothing to decode, is prefilled on that
-    decode worker: its core would idle, and the request starts at once. Hand-overs that land
-    meanwhile decode beside it, the local prefill advancing in small chunks (the decode
-    worker's `prefill_chunk_while_decoding`), so their TPOT rises by a bounded step.
-    (Dynamo decides by prompt length and prefill queue; DistServe never prefills on decode.)"""
+    """Conditional disaggregation: which worker prefills a request, by the work ahead of it.
 
-    def __init__(self, min_queued_tokens: int = 1):
-        self.min_queued_tokens = min_queued_tokens
+    On its prefill worker the request waits for the prompts queued there: `queued + prompt`
+    tokens. On a decode worker it waits for that worker's own unfinished prefills:
+    `(own + prompt)` tokens, times `busy_slowdown` when requests decode there too (its prompt
+    then advances in small chunks beside them; ~1.6x slower on one CPU core with 16-token
+    chunks). The request goes to the decode worker where that is strictly less, and never to
+    one with more than `max_decoding` requests decoding (their TPOT would suffer most). With
+    an empty prefill queue nothing changes: pure P/D. Token counts stand in for time because
+    prefill and decode workers run the same engine on the same kind of cores.
+    (Dynamo's conditional disaggregation looks at prompt length and prefill queue size;
+    DistServe never prefills on a decode instance.)"""
 
-    def pick(self, prefill_queued_tokens: int, decodes: list[DecodeLoad]) -> str | None:
+    def __init__(self, busy_slowdown: float = 2.0, max_decoding: int = 2):
+        self.busy_slowdown = busy_slowdown
+        self.max_decoding = max_decoding
+
+    def pick(self, prompt_tokens: int, prefill_queued_tokens: int,
+             decodes: list[DecodeLoad]) -> str | None:
         """The decode worker to prefill on, or None to prefill on the prefill worker."""
-        if prefill_queued_tokens < self.min_queued_tokens:
-            return None
-        idle = sorted(d.worker_id for d in decodes if d.busy == 0)
-        return idle[0] if idle else None
+        best, best_cost = None, prefill_queued_tokens + prompt_tokens
+        for d in sorted(decodes, key=lambda d: (d.decoding, d.prefill_tokens, d.worker_id)):
+            if d.decoding > self.max_decoding:
+                continue
+            cost = (d.prefill_tokens + prompt_tokens) * (self.busy_slowdown if d.decoding else 1.0)
+            if cost < best_cost:
+                best, best_cost = d.worker_id, cost
+        return best
