@@ -40,6 +40,7 @@ def test_health_waits_for_every_started_worker_and_counts_one_that_died_unregist
 def test_local_prefill_goes_where_less_work_is_ahead_of_the_prompt():
     from splitserve.router.policies import DecodeLoad, LocalPrefill
 
+    assert LocalPrefill().pick(500, 5000, [DecodeLoad("d0", 1, 0)]) is None  # default: idle only
     p = LocalPrefill(busy_slowdown=2.0, max_decoding=2)
     idle, decoding, full = DecodeLoad("d1", 0, 0), DecodeLoad("d0", 1, 0), DecodeLoad("d2", 3, 0)
     assert p.pick(500, 0, [idle, decoding]) is None  # nothing queued at prefill: pure P/D
