@@ -203,9 +203,13 @@ class Worker:
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
             transport, self.receiver.addr if self.receiver else None, self.shm_path))
-        if not self.ctrl.poll(int(self.cfg.register_timeout_s * 1000)):
-            raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
-                                  f"{self.cfg.register_timeout_s:.0f} s")
+        deadline = time.monotonic() + self.cfg.register_timeout_s
+        while not self.ctrl.poll(500):
+            if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
+                raise SplitServeError(f"parent {self.cfg.parent_pid} is gone before the router answered")
+            if time.monotonic() > deadline:
+                raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
+                                      f"{self.cfg.register_timeout_s:.0f} s")
         msg = P.decode_to_worker(self.ctrl.recv())
         if not isinstance(msg, P.Welcome) or not msg.accepted:
             raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
