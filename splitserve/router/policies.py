@@ -41,8 +41,7 @@ class LocalPrefill:
     On its prefill worker the request waits for the prompts queued there: `queued + prompt`
     tokens. On a decode worker it waits for that worker's own unfinished prefills:
     `(own + prompt)` tokens, times `busy_slowdown` when requests decode there too (its prompt
-    then advances in small chunks beside them; ~1.6x slower on one CPU core with 16-token
-    chunks). The request goes to the decode worker where that is strictly less, and never to
+    then advances in small chunks beside them). The request goes to the decode worker where that is strictly less, and never to
     one with more than `max_decoding` requests decoding. That is 0 by default: measured on
     the prefill-heavy benchmark, prefilling beside 1-2 decodes (16-token chunks) made their
     steps ~50 ms, over a 40 ms TPOT SLO, and cost more requests than the shorter TTFTs saved;
