@@ -57,3 +57,20 @@ def test_each_probe_sends_prompts_no_earlier_probe_sent():
     m = S.fresh_prompts(twin, 3)
     assert m[0].prompt == m[1].prompt
     assert S.fresh_prompts([W.RequestSpec(0.0, "text", 1, 1, {})], 2)[0].prompt.endswith("text")
+
+
+def test_bench_serve_run_id_sends_that_runs_prompts(monkeypatch):
+    from splitserve.bench.client import LoadResult
+    from splitserve.bench.goodput import RequestRecord
+
+    seen = []
+
+    def fake_run_at(a, specs, rate, run=0):
+        seen.append((rate, run))
+        return LoadResult([RequestRecord(True, 0, 0, 1, [0.5, 0.52], 2, 10, 2)], 1.0, 0.0)
+
+    monkeypatch.setattr(S, "run_at", fake_run_at)
+    a = build_parser().parse_args(["bench", "serve", "--rate", "0.5", "--num-requests", "3",
+                                   "--run-id", "7", "--quiet"])
+    S.main(a)
+    assert seen == [(0.5, 7)]

@@ -2,7 +2,9 @@
 latency percentiles, SLO attainment, and (with --goodput) the goodput found by bisection on
 the request rate, plus an SLO-scale sweep at the last passing rate.
 
-Every run of one invocation sends the same requests (same seed): only the arrival rate changes.
+Every run of one invocation sends the same requests (same seed): only the arrival rate changes,
+and each run's prompts are new to the server (see fresh_prompts). Separate invocations against
+one server take --run-id to keep that true.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="cores the deployment uses, for per-core goodput (default: this machine's)")
     p.add_argument("--slo-scales", default="0.5,0.75,1,1.5,2")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--run-id", type=int, default=0,
+                   help="send the prompts of run N (same lengths and arrivals): repeated "
+                        "invocations against one server with the same seed would otherwise hit "
+                        "the prefix cache the earlier ones filled; give each a different N")
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -141,7 +147,7 @@ def measure_goodput(a, specs, cores: int) -> dict:
     rows, results = [], {}
 
     def measure(rate: float) -> float:
-        res = run_at(a, specs, rate, run=len(rows))
+        res = run_at(a, specs, rate, run=len(rows) + 1000 * getattr(a, "run_id", 0))
         results[rate] = res
         rows.append(row("probe", rate, res, ttft_slo, tpot_slo))
         print(f"  rate {rate:.3f} req/s: attainment {rows[-1]['attainment']:.2f}", file=sys.stderr)
@@ -178,7 +184,7 @@ def main(a) -> int:
         out.update(measure_goodput(a, specs, cores))
         rows = out["probes"]
     else:
-        res = run_at(a, specs, a.rate)
+        res = run_at(a, specs, a.rate, run=a.run_id)
         rows = [row("run", a.rate, res, ttft_slo, tpot_slo)]
         out["runs"] = rows
         out["slo_sweep"] = slo_scale_sweep(res.records, ttft_slo, tpot_slo,
