@@ -193,6 +193,22 @@ def test_an_idle_decode_worker_prefills_a_queued_request_itself(real_model_path,
         s.close()
 
 
+def test_with_its_prefill_worker_dead_the_decode_worker_serves_whole_requests(real_model_path, offline):
+    s = Server("--kv-cache-gb", "0.08")
+    try:
+        pre = s.workers("prefill")[0]
+        os.kill(pre["pid"], signal.SIGKILL)
+        _wait_for(lambda: s.health()["status"] == "degraded", what="the prefill worker's death")
+        c = _client(s)
+        comp = c.completions.create(model="default", prompt=LONG, temperature=0, max_tokens=32)
+        assert comp.choices[0].text == offline["long"]
+        ws = s.wait_idle()
+        assert [w["role"] for w in ws] == ["decode"] and ws[0]["local_prefills"] == 1, ws
+        assert ws[0]["kv_blocks_used"] == 0 and ws[0]["integrity_errors"] == 0
+    finally:
+        s.close()
+
+
 def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_served(real_model_path):
     s = Server("--prefill", "1", "--decode", "2")
     try:

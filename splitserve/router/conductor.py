@@ -138,9 +138,11 @@ class Conductor:
 
     # -- what the API asks -------------------------------------------------------------------
     def is_ready(self) -> bool:
-        """Requests can be served: a co-located worker, or a prefill and a decode worker, live."""
+        """Requests can be served: a co-located worker, or a prefill and a decode worker, live
+        (with local prefill, a decode worker alone: it prefills every request itself)."""
         live = [w.info.role for w in self.workers.values() if w.alive]
-        return "colocated" in live or ("prefill" in live and "decode" in live)
+        return "colocated" in live or ("decode" in live and (
+            "prefill" in live or self.local_prefill is not None))
 
     def starting(self) -> list[str]:
         """Workers this process started that have neither registered nor exited yet."""
@@ -216,8 +218,10 @@ class Conductor:
         # it itself (conditional disaggregation)
         whole = self._pick("colocated")
         prefill = self._pick("prefill") if whole is None else None
-        if prefill is not None and self.local_prefill is not None:
-            whole = self._local_prefill_target(prefill, len(t.prompt))
+        if whole is None and self.local_prefill is not None:
+            # no prefill worker left (all died): the decode workers serve whole requests
+            whole = (self._local_prefill_target(prefill, len(t.prompt)) if prefill is not None
+                     else self._pick("decode"))
         if whole is not None:
             t.worker = whole
             self._own(t, whole)
