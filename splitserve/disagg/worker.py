@@ -205,7 +205,7 @@ class Worker:
             transport, self.receiver.addr if self.receiver else None, self.shm_path))
         deadline = time.monotonic() + self.cfg.register_timeout_s
         while not self.ctrl.poll(500):
-            if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
+            if self._orphaned():
                 raise SplitServeError(f"parent {self.cfg.parent_pid} is gone before the router answered")
             if time.monotonic() > deadline:
                 raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
@@ -258,7 +258,7 @@ class Worker:
                 if now - last_stats >= HEARTBEAT_S:
                     self._update_stats()
                     last_stats = now
-                    if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
+                    if self._orphaned():
                         log.warning("parent %s is gone; exiting", self.cfg.parent_pid)
                         break
         finally:
@@ -297,6 +297,10 @@ class Worker:
                         self.running = False
         finally:
             sock.close(linger=0)
+
+    def _orphaned(self) -> bool:
+        """The `serve` process that started this worker is gone."""
+        return bool(self.cfg.parent_pid) and os.getppid() != self.cfg.parent_pid
 
     def lease_valid(self) -> bool:
         return time.monotonic() - self.router_seen < self.lease_s

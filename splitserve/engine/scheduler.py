@@ -152,8 +152,7 @@ class Scheduler:
         if self.config.chunked_prefill:
             cap = self.config.prefill_chunk_while_decoding
             decoding = cap is not None and any(
-                r.num_tokens - r.num_computed_tokens == 1 and r.num_computed_tokens >= r.num_prompt_tokens
-                for r in self.running)
+                r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill for r in self.running)
             prefill_budget = cap if decoding else budget
             budget, prefill_budget = self._schedule_running(out, budget, prefill_budget)
             if not out.preempted:

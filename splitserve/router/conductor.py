@@ -172,18 +172,17 @@ class Conductor:
             self.prompts = PromptEncoder(self._tokenizer, self.reference.vocab_size)
         return self.prompts
 
-    def health(self) -> dict:
-        """status: "starting" until every worker this process started has registered (or died)
-        and requests can be served; then "ok", or "degraded" once a worker has died;
-        "unavailable" when the workers left cannot serve."""
-        starting = self.starting()
+    def status(self) -> str:
+        """"starting" until every worker this process started has registered (or died) and
+        requests can be served; then "ok", or "degraded" once a worker has died; "unavailable"
+        when the workers left cannot serve."""
+        starting = bool(self.starting())
         if self.is_ready() and not starting:
-            status = "ok" if not self.dead else "degraded"
-        elif starting or not self.dead:
-            status = "starting"
-        else:
-            status = "unavailable"
-        return {"status": status, "starting": starting, "workers": [
+            return "ok" if not self.dead else "degraded"
+        return "starting" if starting or not self.dead else "unavailable"
+
+    def health(self) -> dict:
+        return {"status": self.status(), "starting": self.starting(), "workers": [
             {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive,
              "outstanding": len(w.requests), "kv_transport": w.info.transport}
             for w in self.workers.values()], "dead": list(self.dead)}
@@ -260,14 +259,11 @@ class Conductor:
         """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
         tracks = [t for t in self._tracks.values() if not t.done]
         queued = sum(len(t.prompt) for t in tracks if t.prefill == prefill and not t.prefill_done)
-        decodes = []
-        for wid, w in self.workers.items():
-            if w.alive and w.info.role == "decode":
-                own = [t for t in tracks if t.worker == wid]
-                decodes.append(DecodeLoad(
-                    wid, sum(1 for t in tracks if t.decode == wid and t.prefill_done)
-                    + sum(1 for t in own if t.first_token),
-                    sum(len(t.prompt) for t in own if not t.first_token)))
+        # a decode worker's requests: handed over (t.decode) or its own (t.worker); decoding
+        # once their first token is out (for a hand-over, that is its admission)
+        decodes = [DecodeLoad(wid, sum(1 for t in tracks if wid in (t.decode, t.worker) and t.first_token),
+                              sum(len(t.prompt) for t in tracks if t.worker == wid and not t.first_token))
+                   for wid, w in self.workers.items() if w.alive and w.info.role == "decode"]
         return self.local_prefill.pick(prompt_tokens, queued, decodes)
 
     def _own(self, t: _Track, wid: str) -> None:

@@ -135,14 +135,14 @@ async def serve(a) -> int:
                                            timeout_graceful_shutdown=2))
 
     async def announce():
-        while conductor.starting() or not conductor.is_ready():
-            if not conductor.starting() and conductor.dead and not conductor.is_ready():
-                log.error("workers %s exited and the rest cannot serve; see their errors above",
-                          ", ".join(conductor.dead))
-                server.should_exit = True
-                return
+        while (status := conductor.status()) == "starting":
             await asyncio.sleep(0.2)
-        if conductor.dead:
+        if status == "unavailable":
+            log.error("workers %s exited and the rest cannot serve; see their errors above",
+                      ", ".join(conductor.dead))
+            server.should_exit = True
+            return
+        if status == "degraded":
             log.error("workers %s exited at start; serving with the rest", ", ".join(conductor.dead))
         print(f"splitserve: serving {served!r} on http://{a.host}:{a.port}/v1 with "
               f"{', '.join(roles)} workers (router {conductor.addr})", file=sys.stderr, flush=True)
