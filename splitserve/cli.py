@@ -138,12 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_handover_args(bh)
     bh.set_defaults(func=cmd_bench_handover)
     from splitserve.bench import compare as bench_compare
-    from splitserve.bench import serve as bench_serve
+    from splitserve.bench import load as bench_load
 
     bs = bsub.add_parser("serve", help="load an OpenAI-compatible endpoint: latency, SLO "
                          "attainment, goodput by bisection on the rate")
-    bench_serve.add_args(bs)
-    bs.set_defaults(func=bench_serve.main)
+    bench_load.add_args(bs)
+    bs.set_defaults(func=bench_load.main)
     bc = bsub.add_parser("compare", help="the same workload against P/D, co-located (chunked, "
                          "prefill-first) and llama-server, each started here")
     bench_compare.add_args(bc)

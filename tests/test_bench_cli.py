@@ -4,7 +4,7 @@ the deployments `bench compare` starts, with equal cores."""
 from __future__ import annotations
 
 from splitserve.bench import compare as C
-from splitserve.bench import serve as S
+from splitserve.bench import load as S
 from splitserve.cli import build_parser
 
 

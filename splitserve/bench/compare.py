@@ -20,7 +20,7 @@ import time
 
 import httpx
 
-from splitserve.bench import serve as S
+from splitserve.bench import load as S
 from splitserve.bench.goodput import to_markdown
 
 
