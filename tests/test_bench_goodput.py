@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import json
 import math
 import os
@@ -217,6 +218,99 @@ def test_azure_replay_reproduces_the_trace():
         assert s.output_len == min(round(int(r["GeneratedTokens"]) * ls), 100)
         gap = (datetime.fromisoformat(r["TIMESTAMP"]) - t0).total_seconds()
         assert s.arrival_s == pytest.approx(gap * ts, abs=1e-5)
+
+
+# -- workload files that do not parse: the error names the file, the line and what is wrong -----
+MOONCAKE_ROW = {"timestamp": 0, "input_length": 100, "output_length": 5, "hash_ids": [0]}
+HUMANEVAL_ROW = {"task_id": "t/0", "prompt": "def f():\n", "canonical_solution": "  return 1\n"}
+
+
+def write(path, text: str, gz: bool = False) -> str:
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def jsonl(*rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def mooncake_with(**change) -> dict:
+    return {k: v for k, v in (MOONCAKE_ROW | change).items() if v is not None}
+
+
+BAD_FILES = [  # (reader, file name, contents, what the message must say)
+    (W.mooncake, "t.jsonl", jsonl(MOONCAKE_ROW, '{"timestamp": 1,'),
+     "t.jsonl, line 2: not JSON"),
+    (W.mooncake, "t.jsonl", jsonl(MOONCAKE_ROW, "", mooncake_with(hash_ids=None)),
+     "t.jsonl, line 3: no 'hash_ids' field"),  # blank lines count: the line in an editor
+    (W.mooncake, "t.jsonl", jsonl(mooncake_with(input_length="100")),
+     "t.jsonl, line 1: 'input_length' is '100', not a whole number"),
+    (W.mooncake, "t.jsonl", jsonl(MOONCAKE_ROW, mooncake_with(timestamp="2023-11-16")),
+     "t.jsonl, line 2: 'timestamp' is '2023-11-16', not a number"),
+    (W.mooncake, "t.jsonl", jsonl(mooncake_with(hash_ids=[0, "a"])),
+     "t.jsonl, line 1: 'hash_ids' is [0, 'a'], not a list of integers"),
+    (W.mooncake, "t.jsonl", jsonl("[1, 2]"), "t.jsonl, line 1: not a JSON object"),
+    (W.azure, "a.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:15:46,3\n",
+     "a.csv, line 1: no column GeneratedTokens"),
+    (W.azure, "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,3,4\n"
+     "2023-11-16 18:15:47,many,4\n", "a.csv, line 3: ContextTokens is 'many', not a whole"),
+    (W.azure, "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,3\n",
+     "a.csv, line 2: GeneratedTokens is None"),  # a short row
+    (W.azure, "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023 18:15,3,4\n",
+     "a.csv, line 2: TIMESTAMP is '16/11/2023 18:15', not an ISO 8601"),
+    (W.azure, "a.csv", "", "a.csv: empty"),
+    (W.humaneval, "h.jsonl.gz", jsonl(HUMANEVAL_ROW, "{"), "h.jsonl.gz, line 2: not JSON"),
+    (W.humaneval, "h.jsonl", jsonl({k: v for k, v in HUMANEVAL_ROW.items() if k != "prompt"}),
+     "h.jsonl, line 1: no 'prompt' field"),
+    (W.summarization, "s.csv", "num_prefill_tokens,num_decode_tokens\n10,5\n10,-5\n",
+     "s.csv, line 3: num_decode_tokens is '-5', not a whole number"),
+    (W.summarization, "s.csv", "num_prefill_tokens,num_decode_tokens\n", "s.csv: no rows"),
+    (W.summarization, "s.csv", "prompt,output\n10,5\n",
+     "s.csv, line 1: no column num_prefill_tokens, num_decode_tokens"),
+]
+
+
+def _read(reader, path: str):
+    return reader(5, 0, path) if reader is W.summarization else reader(path)
+
+
+@pytest.mark.parametrize("reader,name,text,message", BAD_FILES)
+def test_a_malformed_workload_file_names_the_file_and_line(tmp_path, reader, name, text, message):
+    path = write(tmp_path / name, text, gz=name.endswith(".gz"))
+    with pytest.raises(W.WorkloadError) as e:
+        _read(reader, path)
+    assert str(e.value).startswith(str(tmp_path))  # the whole path, as given
+    assert message in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_an_unreadable_workload_file_names_the_file(tmp_path):
+    with pytest.raises(W.WorkloadError, match=r"nope\.jsonl: cannot be opened \(No such file"):
+        W.mooncake(str(tmp_path / "nope.jsonl"))
+    truncated = gzip.compress(jsonl(HUMANEVAL_ROW, HUMANEVAL_ROW).encode())[:-12]
+    (tmp_path / "h.jsonl.gz").write_bytes(truncated)
+    with pytest.raises(W.WorkloadError, match=r"h\.jsonl\.gz, line \d+: cannot be read"):
+        W.humaneval(str(tmp_path / "h.jsonl.gz"))
+    (tmp_path / "latin1.csv").write_bytes(b"TIMESTAMP,ContextTokens,GeneratedTokens\n\xe9,1,1\n")
+    with pytest.raises(W.WorkloadError, match=r"latin1\.csv, line 2: not UTF-8 text \(byte 0xe9"):
+        W.azure(str(tmp_path / "latin1.csv"))
+
+
+def test_workload_files_may_be_gzipped_and_a_limit_stops_reading(tmp_path):
+    rows = [HUMANEVAL_ROW, HUMANEVAL_ROW | {"task_id": "t/1", "prompt": "x" * 344}]
+    plain = W.humaneval(write(tmp_path / "h.jsonl", jsonl(*rows)))
+    assert plain == W.humaneval(write(tmp_path / "h.jsonl.gz", jsonl(*rows), gz=True))
+    assert [s.meta["task_id"] for s in plain] == ["t/0", "t/1"] and plain[1].input_len == 100
+    # lines past the limit are not read, so a broken tail does not stop a short run
+    assert len(W.mooncake(write(tmp_path / "t.jsonl", jsonl(MOONCAKE_ROW, "{")), limit=1)) == 1
+    # a timestamp with a zone keeps it; one without is UTC
+    csv_text = ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,1,1\n"
+                "2023-11-16 19:00:02+01:00,1,1\n")
+    assert [s.arrival_s for s in W.azure(write(tmp_path / "a.csv", csv_text))] == [0.0, 2.0]
 
 
 def test_arrival_processes():

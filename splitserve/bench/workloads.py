@@ -12,6 +12,10 @@ coefficient of variation for burstiness), or kept, for trace replay.
 Token-id prompts are drawn from `vocab = (lo, hi)`: ids below 100 are special tokens in the
 default model's 49152-token vocabulary, and a random prompt must not contain an end-of-text or
 chat-template token.
+
+A file that cannot be read as its format (missing, not JSON, a field or column missing, a count
+that is not a whole number, a bad timestamp) raises WorkloadError naming the file and the line.
+Any of the files may be gzip-compressed.
 """
 
 from __future__ import annotations
@@ -21,15 +25,24 @@ import dataclasses
 import gzip
 import json
 import math
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 
 import numpy as np
+
+from splitserve.errors import SplitServeError
 
 DEFAULT_VOCAB = (100, 49152)
 # HumanEval prompts average 450.6 characters and ~131 tokens (../shared/data/README.md): used to
 # estimate the length of a text prompt when no tokenizer is given.
 CHARS_PER_TOKEN = 3.44
+
+
+class WorkloadError(SplitServeError, ValueError):
+    """A workload cannot be built from what was given: the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +160,11 @@ def summarization(n: int, seed: int = 0, csv_path: str | None = None,
     CSV when its path is given, else the lognormal fit."""
     if csv_path is None:
         return synthetic("summarization", n, seed, vocab, caps)
-    with open(csv_path, newline="") as f:
-        pairs = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"]))
-                 for r in csv.DictReader(f)]
+    cols = ("num_prefill_tokens", "num_decode_tokens")
+    pairs = [tuple(_count(csv_path, line, r, c) for c in cols)
+             for line, r in _csv_rows(csv_path, cols)]
+    if not pairs:
+        raise WorkloadError(f"{csv_path}: no rows under the header")
     picks = np.random.default_rng([seed, 0]).integers(0, len(pairs), n)
     return _from_lengths("summarization", (pairs[i] for i in picks), seed, vocab, caps,
                          source=csv_path)
@@ -163,8 +178,8 @@ def humaneval(path: str, output_len: int | None = None, tokenize=None, limit: in
     def count(text: str) -> int:
         return len(tokenize(text)) if tokenize else max(1, round(len(text) / CHARS_PER_TOKEN))
 
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()][:limit]
+    fields = {"task_id": _TEXT, "prompt": _TEXT, "canonical_solution": _TEXT}
+    rows = [r for _, r in islice(_jsonl_rows(path, fields), limit)]
     specs = []
     for i, r in enumerate(rows):
         inp, out = caps.fit(count(r["prompt"]), output_len or count(r["canonical_solution"]))
@@ -194,24 +209,20 @@ def mooncake(path: str, length_scale: float = 1.0, time_scale: float = 1.0,
     b = max(1, round(block_tokens * length_scale))
     blocks: dict[int, list[int]] = {}  # a third of the trace's blocks repeat: draw each once
     specs = []
-    with open(path) as f:
-        for line in f:
-            if limit is not None and len(specs) >= limit:
-                break
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            ids = r["hash_ids"]
-            want = min(round(r["input_length"] * length_scale), len(ids) * b)
-            inp, out = caps.fit(want, round(r["output_length"] * length_scale))
-            prompt: list[int] = []
-            for h in ids[:math.ceil(inp / b)]:
-                if h not in blocks:
-                    blocks[h] = block_tokens_for(h, b, seed, vocab)
-                prompt += blocks[h]
-            specs.append(RequestSpec(r["timestamp"] / 1000.0, prompt[:inp], inp, out,
-                                     {"workload": "mooncake", "index": len(specs),
-                                      "hash_ids": ids[:math.ceil(inp / b)]}))
+    fields = {"timestamp": _TIME_MS, "input_length": _COUNT, "output_length": _COUNT,
+              "hash_ids": _IDS}
+    for _, r in islice(_jsonl_rows(path, fields), limit):  # nothing past `limit` is read
+        ids = r["hash_ids"]
+        want = min(round(r["input_length"] * length_scale), len(ids) * b)
+        inp, out = caps.fit(want, round(r["output_length"] * length_scale))
+        prompt: list[int] = []
+        for h in ids[:math.ceil(inp / b)]:
+            if h not in blocks:
+                blocks[h] = block_tokens_for(h, b, seed, vocab)
+            prompt += blocks[h]
+        specs.append(RequestSpec(r["timestamp"] / 1000.0, prompt[:inp], inp, out,
+                                 {"workload": "mooncake", "index": len(specs),
+                                  "hash_ids": ids[:math.ceil(inp / b)]}))
     return _rebase(specs, time_scale)
 
 
@@ -222,16 +233,13 @@ def azure(path: str, length_scale: float = 1.0, time_scale: float = 1.0, caps: C
     The trace says nothing of shared prefixes, so every prompt is fresh random tokens."""
     rng = np.random.default_rng([seed, 2])
     specs = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            if limit is not None and len(specs) >= limit:
-                break
-            # UTC: a local zone's daylight-saving change would bend the gaps
-            t = datetime.fromisoformat(r["TIMESTAMP"]).replace(tzinfo=UTC).timestamp()
-            inp, out = caps.fit(round(int(r["ContextTokens"]) * length_scale),
-                                round(int(r["GeneratedTokens"]) * length_scale))
-            specs.append(RequestSpec(t, random_tokens(rng, inp, vocab), inp, out,
-                                     {"workload": "azure", "index": len(specs)}))
+    for line, r in islice(_csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")),
+                          limit):
+        t = _timestamp(path, line, r["TIMESTAMP"])
+        inp, out = caps.fit(round(_count(path, line, r, "ContextTokens") * length_scale),
+                            round(_count(path, line, r, "GeneratedTokens") * length_scale))
+        specs.append(RequestSpec(t, random_tokens(rng, inp, vocab), inp, out,
+                                 {"workload": "azure", "index": len(specs)}))
     return _rebase(specs, time_scale)
 
 
@@ -241,6 +249,95 @@ def _rebase(specs: list[RequestSpec], time_scale: float) -> list[RequestSpec]:
         return specs
     t0 = min(s.arrival_s for s in specs)
     return [dataclasses.replace(s, arrival_s=(s.arrival_s - t0) * time_scale) for s in specs]
+
+
+# -- reading workload files: every failure names the file and the line --------------------------
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of a UTF-8 file, gunzipped if it starts with gzip's magic.
+    Lines are decoded one by one so that a decoding error knows its line."""
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+    except OSError as e:
+        raise WorkloadError(f"{path}: cannot be opened ({e.strerror or e})") from None
+    n = 0
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: Excel's BOM
+    except UnicodeDecodeError as e:
+        raise WorkloadError(f"{path}, line {n}: not UTF-8 text (byte {e.object[e.start]:#x} "
+                            f"at column {e.start + 1})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise WorkloadError(f"{path}, line {n + 1}: cannot be read ({e})") from None
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+# (check, what it should be) for a JSONL field
+_COUNT = (lambda v: type(v) is int and v >= 0, "a whole number >= 0")
+_TIME_MS = (lambda v: type(v) in (int, float) and math.isfinite(v), "a number (ms)")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_IDS = (lambda v: isinstance(v, list) and all(type(h) is int for h in v), "a list of integers")
+
+
+def _jsonl_rows(path: str, fields: dict) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line, each checked to have `fields`."""
+    for n, text in _lines(path):
+        if not text.strip():
+            continue
+        try:
+            r = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"{path}, line {n}: not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise WorkloadError(f"{path}, line {n}: not a JSON object")
+        for key, (ok, want) in fields.items():
+            if key not in r:
+                raise WorkloadError(f"{path}, line {n}: no {key!r} field")
+            if not ok(r[key]):
+                raise WorkloadError(f"{path}, line {n}: {key!r} is {_show(r[key])}, not {want}")
+        yield n, r
+
+
+def _csv_rows(path: str, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every row of a CSV file whose header has `columns`."""
+    reader = csv.DictReader(text for _, text in _lines(path))
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise WorkloadError(f"{path}: empty, expected a header with {', '.join(columns)}")
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise WorkloadError(f"{path}, line {reader.line_num}: no column {', '.join(missing)} "
+                                f"(the header has {', '.join(header)})")
+        for r in reader:
+            yield reader.line_num, r
+    except csv.Error as e:
+        raise WorkloadError(f"{path}, line {reader.line_num}: not CSV ({e})") from None
+
+
+def _count(path: str, line: int, row: dict, column: str) -> int:
+    v = row.get(column)  # None when the row has fewer cells than the header
+    try:
+        if int(v) >= 0:
+            return int(v)
+    except (TypeError, ValueError):
+        pass
+    raise WorkloadError(f"{path}, line {line}: {column} is {_show(v)}, not a whole number >= 0")
+
+
+def _timestamp(path: str, line: int, v: str | None) -> float:
+    try:
+        t = datetime.fromisoformat(v)
+    except (TypeError, ValueError):
+        raise WorkloadError(f"{path}, line {line}: TIMESTAMP is {_show(v)}, not an ISO 8601 date "
+                            "and time such as 2023-11-16 18:15:46.680590") from None
+    # a time without a zone is UTC: a local zone's daylight-saving change would bend the gaps
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 # -- arrival processes ---------------------------------------------------------------------------
