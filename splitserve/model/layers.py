@@ -152,7 +152,12 @@ class Linear(nn.Module):
                 self._kernel_max_m = sys.maxsize if max_m is None else max_m
                 self._kernel_dtype = torch.bfloat16
             if max_m is not None:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+                try:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+                except RuntimeError:
+                    # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT): on an AVX2-only
+                    # CPU without the kernel this layer stays on F.linear
+                    self._packed = None
         self.mode = mode
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -181,8 +186,12 @@ class Linear(nn.Module):
                 else:
                     y = self._kernel(x2)
                 return y.view(*shape[:-1], self.out_features)
-        if self.mode == "packed" and self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if self.mode == "packed":
+            if self._packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            # no kernel and no oneDNN bf16 (see prepare): F.linear, on one layout of x so that
+            # a strided x gives the same bits as its contiguous copy
+            return F.linear(x.contiguous(), self.weight, self.bias)
         if self.mode == "int8":
             x2 = x.reshape(-1, shape[-1]).contiguous()
             y = torch.ops.aten._weight_int8pack_mm(x2, self._packed, self._scales)
