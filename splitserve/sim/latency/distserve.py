@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from splitserve.sim.hardware import GPUSpec, get_gpu
 from splitserve.sim.latency.base import Batch, LatencyModel
+from splitserve.sim.latency.roofline import kv_capacity_tokens
 from splitserve.sim.models import ModelShape, get_model
 
 LARGE_BATCH_THRESHOLD = 95
@@ -129,6 +130,10 @@ class DistServeLatency(LatencyModel):
         if self.sim_overheads:
             t += 2 + 1e-4 * (sum(s + new for new, s in chunks) + sum(batch.decode_context))
         return t
+
+    def kv_capacity_tokens(self, reserve_fraction: float = 0.1) -> int:
+        """KV tokens the A100-80GB deployment holds beside the weights (fp16, as measured)."""
+        return kv_capacity_tokens(self.model, self.gpu, self.tp, self.pp, 2, reserve_fraction)
 
     def step_time(self, batch: Batch) -> float:
         return self.step_ms(batch) / 1e3

@@ -21,7 +21,8 @@ GPU's NVLink/PCIe figure, across nodes its network figure. The GPU's per-step ov
 once.
 
 `kv_capacity_tokens` answers the other question asked of a deployment: how many tokens of KV fit
-beside the weights, or why the model does not fit at all.
+beside the weights, or why the model does not fit at all (a RooflineLatency is refused at
+construction then).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class RooflineLatency(LatencyModel):
         pp: int = 1,
         dtype_bytes: int = 2,
         gpus_per_node: int = 8,
+        reserve_fraction: float = 0.1,
     ):
         self.gpu: GPUSpec = get_gpu(gpu) if isinstance(gpu, str) else gpu
         self.model: ModelShape = get_model(model) if isinstance(model, str) else model
@@ -79,6 +81,8 @@ class RooflineLatency(LatencyModel):
         self.tp, self.pp = tp, pp
         self.dtype_bytes = dtype_bytes
         self.gpus_per_node = gpus_per_node
+        self.reserve_fraction = reserve_fraction
+        self.kv_capacity_tokens()  # a layout whose weights do not fit is refused here
 
     def _op(self, flops: float, nbytes: float) -> float:
         return max(flops / self.gpu.flops_s, nbytes / self.gpu.hbm_bytes_s)
@@ -127,7 +131,10 @@ class RooflineLatency(LatencyModel):
     def step_time(self, batch: Batch) -> float:
         return self.cost(batch).total_s
 
-    def kv_capacity_tokens(self, reserve_fraction: float = 0.1) -> int:
+    def kv_capacity_tokens(self, reserve_fraction: float | None = None) -> int:
+        """KV tokens this deployment holds (the reserve it was built with by default)."""
+        if reserve_fraction is None:
+            reserve_fraction = self.reserve_fraction
         return kv_capacity_tokens(
             self.model, self.gpu, self.tp, self.pp, self.dtype_bytes, reserve_fraction
         )
@@ -181,8 +188,8 @@ def kv_capacity_tokens(
         need = -(-model.weight_bytes(dtype_bytes) // int(gpu.memory_bytes - reserve))
         raise ValueError(
             f"{model.name} does not fit on {gpu.name} with tp={tp}, pp={pp}: "
-            f"{weights / 1e9:.1f} GB of weights per GPU + {reserve / 1e9:.1f} GB reserve "
-            f"({reserve_fraction:.0%}) > {gpu.memory_bytes / 1e9:.1f} GB; "
+            f"{weights / 2**30:.1f} GiB of weights per GPU and a {reserve / 2**30:.1f} GiB "
+            f"reserve ({reserve_fraction:.0%}) exceed its {gpu.memory_gb:g} GiB; "
             f"use at least {need} GPUs (tp·pp)"
         )
     return int(free // kv_bytes_per_token_per_gpu(model, tp, pp, dtype_bytes))
