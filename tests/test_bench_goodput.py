@@ -410,3 +410,50 @@ def test_run_load_concurrency_and_timeout(fake_server):
 
     res = asyncio.run(run_load(url, [spec([101])], "fake", timeout_s=0.1, progress=False))
     assert not res.records[0].ok and "timed out" in res.records[0].error
+
+
+def test_bench_serve_and_a_fake_run_function_give_the_same_report(fake_server, tmp_path):
+    """bench serve (real requests to the fake server) and run_experiment with a run function
+    that makes up the same server's timings: one schema, the same numbers."""
+    from splitserve.bench import experiment as E
+    from splitserve.bench import load as L
+    from splitserve.bench.client import LoadResult
+    from splitserve.cli import build_parser
+
+    def made_up(specs):  # the fake server's timings, exactly
+        recs = []
+        for s in specs:
+            times = [s.arrival_s + TTFT_S + k * TPOT_S for k in range(s.output_len)]
+            recs.append(RequestRecord(True, s.arrival_s, s.arrival_s, times[-1], times,
+                                      s.output_len, s.input_len, s.output_len))
+        return LoadResult(recs, max(r.t_done for r in recs), 0.0)
+
+    url, _ = fake_server
+    common = ["--workload", "prefill-heavy", "--num-requests", "3", "--max-output", "3",
+              "--ttft-slo", "0.45", "--tpot-slo", "0.1", "--slo-scales", "0.25,1", "--quiet"]
+    for mode in (["--rate", "20"], ["--goodput", "10,20"]):
+        real_json, fake_json = tmp_path / "real.json", tmp_path / "fake.json"
+        a = build_parser().parse_args(["bench", "serve", "--base-url", url, *common, *mode,
+                                       "--json", str(real_json)])
+        assert L.main(a) == 0
+        real = json.loads(real_json.read_text())
+        a.json = str(fake_json)
+        E.run_experiment(a, made_up, real["cores"], {"source": "simulated"})
+        fake = json.loads(fake_json.read_text())
+        assert real["source"] == "measured" and real["base_url"] == url
+        for k in ("source", "base_url", "model", "concurrency"):
+            real.pop(k), fake.pop(k, None)
+        assert list(real) == list(fake)
+        rows = real.get("runs") or real["probes"]
+        fake_rows = fake.get("runs") or fake["probes"]
+        for r, f in zip(rows, fake_rows, strict=True):
+            assert list(r) == list(f) and r["rate"] == f["rate"]
+            assert r["attainment"] == f["attainment"] == 1.0  # TTFT 0.2 s <= 0.45
+            assert r["ttft_p50"] == pytest.approx(f["ttft_p50"], abs=0.1)
+            assert r["tpot_p50"] == pytest.approx(f["tpot_p50"], abs=0.02)
+            assert f["client_cpu_s"] == 0.0 <= r["client_cpu_s"]
+        # x0.25 (TTFT SLO 0.11 s) misses every 0.2 s TTFT, x1 meets them all
+        assert [s["attainment"] for s in real["slo_sweep"]] == [0.0, 1.0] == [
+            s["attainment"] for s in fake["slo_sweep"]]
+        if "goodput_req_s" in real:
+            assert real["goodput_req_s"] == fake["goodput_req_s"] == 20.0 and real["capped"]

@@ -20,21 +20,22 @@ import time
 
 import httpx
 
-from splitserve.bench import load as S
+from splitserve.bench import experiment as E
 from splitserve.bench.goodput import to_markdown
+from splitserve.bench.load import load_runner
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    S.add_workload_args(p)
+    E.add_workload_args(p)
     p.add_argument("--deployments", default="pd,pd-pure,chunked,prefill-first,llama-server")
-    p.add_argument("--goodput", default="0.1,2.0", metavar="LO,HI")
-    p.add_argument("--target", type=float, default=0.9)
-    p.add_argument("--tol", type=float, default=0.1)
-    p.add_argument("--cores", type=int, default=2, help="total cores of every deployment")
-    p.add_argument("--chunk", type=int, default=256,
+    p.add_argument("--goodput", type=E.lo_hi, default="0.1,2.0", metavar="LO,HI",
+                   help="bisect each deployment's rate in [LO, HI]")
+    E.add_bisection_args(p)
+    p.add_argument("--cores", type=E.positive(int), default=2,
+                   help="total cores of every deployment")
+    p.add_argument("--chunk", type=E.positive(int), default=256,
                    help="token budget per step of the co-located engines (the chunk size)")
     p.add_argument("--llama-server", default=None, help="path of llama-server (default: PATH)")
-    p.add_argument("--slo-scales", default="0.5,0.75,1,1.5,2")
     p.add_argument("--out", default="bench-results/compare", help="directory for JSON and plots")
     p.add_argument("--quiet", action="store_true")
 
@@ -143,9 +144,9 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def main(a) -> int:
+    specs = E.build_workload(a)
     os.makedirs(a.out, exist_ok=True)
-    specs = S.build_workload(a)
-    ttft_slo, tpot_slo = S.slos(a)
+    ttft_slo, tpot_slo = E.slos(a)
     results, rows = {}, []
     for name in a.deployments.split(","):
         port = free_port()
@@ -156,10 +157,8 @@ def main(a) -> int:
         print(f"{name}: {' '.join(cmd)}", file=sys.stderr)
         proc = start_server(cmd, port)
         try:
-            run = argparse.Namespace(**vars(a), base_url=f"http://127.0.0.1:{port}", model="default",
-                                     api_key=None, concurrency=None, rate=None,
-                                     extra_body=None)
-            results[name] = S.measure_goodput(run, specs, a.cores)
+            run = load_runner(f"http://127.0.0.1:{port}", progress=not a.quiet)
+            results[name] = E.measure_goodput(a, specs, run, a.cores)
         finally:
             stop_server(proc)
         r = results[name]
@@ -193,7 +192,7 @@ def _plots(a, results: dict, ttft_slo: float, tpot_slo: float) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return
-    lo = float(a.goodput.split(",")[0])
+    lo = a.goodput[0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in results.items():
         probes = sorted((p["rate"], p["attainment"]) for p in r["probes"])
