@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serving_harness import app_in_thread
 
-from splitserve.disagg.protocol import Delta
+from splitserve.disagg.messages import Delta
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
 from splitserve.server.openai_api import build_app
 

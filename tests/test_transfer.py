@@ -8,7 +8,7 @@ import torch
 import zmq
 
 from splitserve.config import ModelConfig
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.base import TransferError
 from splitserve.disagg.transfer.local import LocalSender
 from splitserve.disagg.transfer.receiver import KVReceiver
@@ -22,7 +22,7 @@ from splitserve.server.launch import parse_core_lists, split_cores
 MC = ModelConfig(architecture="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
                  num_layers=3, num_heads=4, num_kv_heads=2, head_dim=4, rms_norm_eps=1e-6,
                  rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True)
-SPEC = P.KVSpec("tiny|bfloat16|none", "bfloat16", 4, MC.num_layers, MC.num_kv_heads, MC.head_dim)
+SPEC = M.KVSpec("tiny|bfloat16|none", "bfloat16", 4, MC.num_layers, MC.num_kv_heads, MC.head_dim)
 NUM_BLOCKS = 10
 
 
@@ -42,7 +42,7 @@ class _Decode:
         self.held: dict[str, list[int]] = {}
         self.rx = KVReceiver(ctx, self.cache, SPEC, "127.0.0.1",
                              lambda rid, sender: self.held.get(rid) if sender == "prefill-0" else None)
-        self.peer = P.DecodePeer("decode-0", self.rx.addr, "h", SPEC, NUM_BLOCKS, shm_path)
+        self.peer = M.DecodePeer("decode-0", self.rx.addr, "h", SPEC, NUM_BLOCKS, shm_path)
 
     def pump(self, want: int, timeout_s: float = 5.0):
         """Poll until `want` notices (KVDone / KVFence) arrived."""
@@ -81,7 +81,7 @@ class _Handshaking:
 def _send_request(sender, src: KVCache, src_blocks, dst_blocks):
     for layer in range(MC.num_layers):
         sender.write_layer("r1", layer, src_blocks, dst_blocks)
-    sender.done(P.KVDone("r1", 7, None, 0, 0.0, 0.0, sender.transport))
+    sender.done(M.KVDone("r1", 7, None, 0, 0.0, 0.0, sender.transport))
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_backends_deliver_the_same_bytes(ctx, transport, tmp_path):
     _send_request(sender, src, src_blocks, dst_blocks)
     if transport != "local":
         notices = dec.pump(1)
-    assert isinstance(notices[0], P.KVDone) and notices[0].first_token == 7
+    assert isinstance(notices[0], M.KVDone) and notices[0].first_token == 7
     assert torch.equal(dec.cache.kv, _expected(src, dec.cache.kv.shape, src_blocks, dst_blocks))
     assert sender.bytes_sent == 3 * MC.num_layers * src.kv[0, :, 0].numel() * 2
     if transport == "shm":  # the bytes are in the file: a second mapping sees them
@@ -140,7 +140,7 @@ def test_tcp_layers_for_blocks_not_held_are_dropped(ctx):
     sender.write_layer("other", 0, [1], [5])
     sender.fence("r1")
     notices = dec.pump(1)
-    assert isinstance(notices[0], P.KVFence)
+    assert isinstance(notices[0], M.KVFence)
     assert dec.rx.dropped_layers == 2 and not dec.cache.kv.any()
     assert dec.rx.bad == {"r1"}  # r1's hand-over is broken: its KVDone must not admit it
     # a sender that is not the request's writer, or skipped the handshake, is not heard
@@ -149,10 +149,10 @@ def test_tcp_layers_for_blocks_not_held_are_dropped(ctx):
     intruder.write_layer("r1", 0, [1], [5])
     raw = ctx.socket(zmq.DEALER)
     raw.connect(dec.rx.addr)
-    raw.send(P.encode(P.KVFence("r1")))
+    raw.send(M.encode(M.KVFence("r1")))
     intruder.fence("r1")
     got = dec.pump(1)
-    assert [type(m) for m in got] == [P.KVFence]  # only the intruder's (it did say Hello)
+    assert [type(m) for m in got] == [M.KVFence]  # only the intruder's (it did say Hello)
     assert dec.rx.dropped_layers == 3 and not dec.cache.kv.any()
     raw.close(0)
     intruder.close()
@@ -162,19 +162,19 @@ def test_tcp_layers_for_blocks_not_held_are_dropped(ctx):
 
 def test_handshake_refuses_a_different_kv_layout(ctx):
     dec = _Decode(ctx)
-    other = P.KVSpec("tiny|float32|none", "float32", 4, 3, 2, 4)
+    other = M.KVSpec("tiny|float32|none", "float32", 4, 3, 2, 4)
     # the announced spec is checked before connecting ...
     with pytest.raises(TransferError, match="dtype: 'float32' vs 'bfloat16'"):
         TcpSender(ctx, "p", dec.peer, other, _filled_cache())
     # ... and the decode worker checks what the sender says it holds
-    lying_peer = P.DecodePeer("decode-0", dec.rx.addr, "h", other, NUM_BLOCKS)
+    lying_peer = M.DecodePeer("decode-0", dec.rx.addr, "h", other, NUM_BLOCKS)
     with _Handshaking(dec), pytest.raises(TransferError, match="refused the KV connection.*mismatch"):
         TcpSender(ctx, "p", lying_peer, other, _filled_cache())
     dec.rx.close()
 
 
 def test_handshake_times_out_when_nobody_answers(ctx):
-    peer = P.DecodePeer("decode-9", "tcp://127.0.0.1:9", "h", SPEC, NUM_BLOCKS)
+    peer = M.DecodePeer("decode-9", "tcp://127.0.0.1:9", "h", SPEC, NUM_BLOCKS)
     from splitserve.disagg.transfer.channel import SenderChannel
 
     with pytest.raises(TransferError, match="did not answer"):
@@ -184,7 +184,7 @@ def test_handshake_times_out_when_nobody_answers(ctx):
 def test_shm_pool_refuses_a_mismatched_mapping(tmp_path):
     path, _ = create_pool(SPEC, NUM_BLOCKS, str(tmp_path))
     with pytest.raises(TransferError, match="block_size"):
-        attach_pool(path, P.KVSpec(SPEC.model_id, "bfloat16", 8, 3, 2, 4), NUM_BLOCKS)
+        attach_pool(path, M.KVSpec(SPEC.model_id, "bfloat16", 8, 3, 2, 4), NUM_BLOCKS)
     with pytest.raises(TransferError, match="num_blocks"):
         attach_pool(path, SPEC, NUM_BLOCKS + 1)
     with pytest.raises(TransferError, match="cannot open"):
@@ -192,20 +192,20 @@ def test_shm_pool_refuses_a_mismatched_mapping(tmp_path):
 
 
 def test_messages_round_trip_and_foreign_frames_are_refused():
-    p = P.Params.of(SamplingParams(max_tokens=5, temperature=0.5, stop=["x"], seed=3, logprobs=2))
-    msg = P.Reserve("r", [1, 2, 3], p, "prefill-0")
-    back = P.decode_to_worker(P.encode(msg))
+    p = M.Params.of(SamplingParams(max_tokens=5, temperature=0.5, stop=["x"], seed=3, logprobs=2))
+    msg = M.Reserve("r", [1, 2, 3], p, "prefill-0")
+    back = M.decode_to_worker(M.encode(msg))
     assert back == msg and back.params.to_sampling_params() == SamplingParams(
         max_tokens=5, temperature=0.5, stop=("x",), seed=3, logprobs=2)
     import pickle
 
-    for junk in (pickle.dumps({"a": 1}), b"\x00\x01", P.encode(P.Heartbeat(P.WorkerStats()))):
+    for junk in (pickle.dumps({"a": 1}), b"\x00\x01", M.encode(M.Heartbeat(M.WorkerStats()))):
         with pytest.raises(msgspec.DecodeError):  # ValidationError is a DecodeError
-            P.decode_to_worker(junk)
+            M.decode_to_worker(junk)
     # a typed field with the wrong type is refused, not coerced
     bad = msgspec.msgpack.encode({"type": "Abort", "request_id": 5})
     with pytest.raises(msgspec.ValidationError):
-        P.decode_to_worker(bad)
+        M.decode_to_worker(bad)
 
 
 def test_core_split_and_policy():

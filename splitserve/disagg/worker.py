@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import zmq
 
 from splitserve.config import EngineConfig
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.base import KVSender, TransferError
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.errors import SplitServeError
@@ -77,9 +77,9 @@ def wire_logprobs(lp: tuple[float, list[tuple[int, float]]]) -> list:
     return [lp[0], [list(t) for t in lp[1]]]
 
 
-def to_delta(o: RequestOutput, handover: P.Handover | None = None) -> P.Delta:
+def to_delta(o: RequestOutput, handover: M.Handover | None = None) -> M.Delta:
     lps = [wire_logprobs(lp) for lp in o.new_logprobs]
-    return P.Delta(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason,
+    return M.Delta(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason,
                    o.stop_reason, lps, o.num_prompt_tokens, o.num_cached_tokens,
                    len(o.token_ids), handover)
 
@@ -88,7 +88,7 @@ def to_delta(o: RequestOutput, handover: P.Handover | None = None) -> P.Delta:
 class _Target:
     """Prefill side: where one request's KV goes."""
 
-    peer: P.DecodePeer
+    peer: M.DecodePeer
     dst_blocks: list[int]
     next_block: int = 0  # blocks below this one were written in full
     bytes: int = 0
@@ -100,7 +100,7 @@ class _Target:
 class _Reservation:
     """Decode side: a request whose KV is expected from msg.prefill_worker_id."""
 
-    msg: P.Reserve
+    msg: M.Reserve
     deadline: float = 0.0
     fenced_at: float | None = None
     started: bool = False  # a KVProgress arrived: the prefill worker is writing it
@@ -140,7 +140,7 @@ class Worker:
         self.router_seen = time.monotonic()
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
-        self.stats = P.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
+        self.stats = M.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
         self._retired: list[KVSender] = []  # closed (their peer died); counted in the stats
         self.running = True
         self.receiver = None
@@ -148,7 +148,7 @@ class Worker:
         self.targets: dict[str, _Target] = {}
         self.senders: dict[str, KVSender] = {}
         # decode
-        self.pending: deque[P.Reserve] = deque()
+        self.pending: deque[M.Reserve] = deque()
         self.reservations: dict[str, _Reservation] = {}
         if self.role == "decode":
             self._setup_decode()
@@ -157,9 +157,9 @@ class Worker:
 
     # -- set-up ----------------------------------------------------------------------------
     @staticmethod
-    def _kv_spec(eng: LLMEngine) -> P.KVSpec:
+    def _kv_spec(eng: LLMEngine) -> M.KVSpec:
         mc = eng.model_config
-        return P.KVSpec(eng.model_id, eng.config.dtype, eng.config.cache.block_size,
+        return M.KVSpec(eng.model_id, eng.config.dtype, eng.config.cache.block_size,
                         mc.num_layers, mc.num_kv_heads, mc.head_dim)
 
     def _shm_pool(self, eng: LLMEngine, num_blocks: int):
@@ -199,7 +199,7 @@ class Worker:
         transport = self.cfg.kv_transport
         if self.role == "decode":
             transport = "shm" if self.shm_path else "tcp"
-        self._send(P.Register(
+        self._send(M.Register(
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
             transport, self.receiver.addr if self.receiver else None, self.shm_path))
@@ -210,8 +210,8 @@ class Worker:
             if time.monotonic() > deadline:
                 raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
                                       f"{self.cfg.register_timeout_s:.0f} s")
-        msg = P.decode_to_worker(self.ctrl.recv())
-        if not isinstance(msg, P.Welcome) or not msg.accepted:
+        msg = M.decode_to_worker(self.ctrl.recv())
+        if not isinstance(msg, M.Welcome) or not msg.accepted:
             raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
         self.lease_s = msg.lease_s
         self.router_seen = time.monotonic()
@@ -278,7 +278,7 @@ class Worker:
         try:
             while self.running:
                 try:
-                    sock.send(P.encode(P.Heartbeat(self.stats)), zmq.NOBLOCK)
+                    sock.send(M.encode(M.Heartbeat(self.stats)), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 deadline = time.monotonic() + HEARTBEAT_S
@@ -286,12 +286,12 @@ class Worker:
                     if not sock.poll(int(left * 1000) + 1):
                         continue
                     try:
-                        msg = P.decode_to_worker(sock.recv())
+                        msg = M.decode_to_worker(sock.recv())
                     except Exception:
                         continue
-                    if isinstance(msg, P.Ping):
+                    if isinstance(msg, M.Ping):
                         self.router_seen = time.monotonic()
-                    elif isinstance(msg, P.Shutdown):
+                    elif isinstance(msg, M.Shutdown):
                         log.error("the router declared this worker dead; exiting")
                         self.router_seen = float("-inf")
                         self.running = False
@@ -306,10 +306,10 @@ class Worker:
         return time.monotonic() - self.router_seen < self.lease_s
 
     def _send(self, msg) -> None:
-        self.ctrl.send(P.encode(msg))
+        self.ctrl.send(M.encode(msg))
 
     def _fail(self, request_id: str, message: str) -> None:
-        self._send(P.Failed(request_id, message))
+        self._send(M.Failed(request_id, message))
 
     def _update_stats(self) -> None:
         """Refresh the numbers the heartbeat thread sends; when idle, check the block pool."""
@@ -339,7 +339,7 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                msg = P.decode_to_worker(raw)
+                msg = M.decode_to_worker(raw)
             except Exception as e:  # a malformed frame must not kill the worker
                 log.error("dropped a malformed control message: %s", e)
                 continue
@@ -356,10 +356,10 @@ class Worker:
                     self.targets.pop(rid, None)
                     self._fail(rid, f"{type(msg).__name__} failed on {self.worker_id}: {e}")
 
-    def _on_shutdown(self, msg: P.Shutdown) -> None:
+    def _on_shutdown(self, msg: M.Shutdown) -> None:
         self.running = False
 
-    def _on_generate(self, msg: P.Generate) -> None:
+    def _on_generate(self, msg: M.Generate) -> None:
         """The whole request here: a co-located worker's, or a decode worker's own prefill."""
         try:
             self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), msg.request_id)
@@ -369,7 +369,7 @@ class Worker:
         if self.role == "decode":
             self.stats.local_prefills += 1
 
-    def _on_abort(self, msg: P.Abort) -> None:
+    def _on_abort(self, msg: M.Abort) -> None:
         rid = msg.request_id
         if self.role == "decode":
             self._decode_abort(rid, msg.fenced)
@@ -387,7 +387,7 @@ class Worker:
             except TransferError as e:
                 log.warning("could not fence %s at %s: %s", rid, peer.worker_id, e)
 
-    def _on_peergone(self, msg: P.PeerGone) -> None:
+    def _on_peergone(self, msg: M.PeerGone) -> None:
         s = self.senders.pop(msg.worker_id, None)
         if s is not None:
             s.close()
@@ -403,7 +403,7 @@ class Worker:
                 self._free_reservation(rid)
 
     # -- prefill role ----------------------------------------------------------------------
-    def _sender(self, peer: P.DecodePeer) -> KVSender:
+    def _sender(self, peer: M.DecodePeer) -> KVSender:
         s = self.senders.get(peer.worker_id)
         if s is None:
             t = self.cfg.kv_transport
@@ -419,7 +419,7 @@ class Worker:
             self.senders[peer.worker_id] = s
         return s
 
-    def _on_prefill(self, msg: P.Prefill) -> None:
+    def _on_prefill(self, msg: M.Prefill) -> None:
         rid = msg.request_id
         try:
             self._sender(msg.peer)
@@ -490,7 +490,7 @@ class Worker:
             first_lp = wire_logprobs(o.new_logprobs[0]) if o.new_logprobs else None
             try:
                 sender = self.senders[t.peer.worker_id]
-                sender.done(P.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
+                sender.done(M.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
                                      time.monotonic(), sender.transport))
             except (TransferError, KeyError) as e:
                 self._fail(rid, f"KV hand-over to {t.peer.worker_id} failed: {e}")
@@ -498,7 +498,7 @@ class Worker:
                 self.engine.release(rid)
 
     # -- decode role -----------------------------------------------------------------------
-    def _on_reserve(self, msg: P.Reserve) -> None:
+    def _on_reserve(self, msg: M.Reserve) -> None:
         self.pending.append(msg)
 
     def _decode_housekeeping(self, now: float) -> None:
@@ -515,7 +515,7 @@ class Worker:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
             self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_queue_timeout_s)
-            self._send(P.Reserved(msg.request_id, blocks))
+            self._send(M.Reserved(msg.request_id, blocks))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:
                 r.fenced_at = now
@@ -551,12 +551,12 @@ class Worker:
             r = self.reservations.get(rid)
             if r is None or sender != r.msg.prefill_worker_id:
                 continue  # already freed, or not the worker that writes this request
-            if isinstance(msg, P.KVProgress):
+            if isinstance(msg, M.KVProgress):
                 if r.fenced_at is None:
                     r.started = True
                     r.deadline = time.monotonic() + self.cfg.kv_timeout_s
                 continue
-            if isinstance(msg, P.KVFence) or r.fenced_at is not None:
+            if isinstance(msg, M.KVFence) or r.fenced_at is not None:
                 self._free_reservation(rid)  # the writer has stopped: the blocks are safe to free
                 continue
             problem = None
@@ -574,7 +574,7 @@ class Worker:
             notify = time.monotonic() - msg.t_sent
             self.stats.kv_transfers += 1
             self.stats.kv_transfer_seconds += notify
-            self._send(P.Outputs([to_delta(o, P.Handover(msg.bytes, msg.write_seconds, notify,
+            self._send(M.Outputs([to_delta(o, M.Handover(msg.bytes, msg.write_seconds, notify,
                                                          msg.transport))]))
 
     # -- the step --------------------------------------------------------------------------
@@ -586,7 +586,7 @@ class Worker:
             return
         items = [to_delta(o) for o in outs if o.finish_reason != "abort"]
         if items:
-            self._send(P.Outputs(items))
+            self._send(M.Outputs(items))
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -7,7 +7,7 @@ then Prefill at a prefill worker naming the reserved blocks), relays outputs to 
 stream, and turns a worker's death or failure into an error on exactly the requests it held.
 
     generate(): Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... Outputs (from decode)
-    generator closed early (client gone) ─► Abort to both workers (see protocol.Abort)
+    generator closed early (client gone) ─► Abort to both workers (see messages.Abort)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
 from splitserve.request import SamplingParams
 from splitserve.router.policies import DecodeLoad, LeastLoaded, LocalPrefill, WorkerLoad
@@ -36,17 +36,17 @@ log = logging.getLogger("splitserve.router")
 
 @dataclass
 class WorkerHandle:
-    info: P.Register
+    info: M.Register
     last_seen: float
-    stats: P.WorkerStats = field(default_factory=P.WorkerStats)
+    stats: M.WorkerStats = field(default_factory=M.WorkerStats)
     requests: set[str] = field(default_factory=set)
     proc: subprocess.Popen | None = None
     alive: bool = True
 
     @property
-    def peer(self) -> P.DecodePeer:
+    def peer(self) -> M.DecodePeer:
         i = self.info
-        return P.DecodePeer(i.worker_id, i.data_addr or "", i.host, i.kv, i.num_blocks, i.shm_path)
+        return M.DecodePeer(i.worker_id, i.data_addr or "", i.host, i.kv, i.num_blocks, i.shm_path)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Conductor:
         self._tokenizer = tokenizer
         self.prompts: PromptEncoder | None = None
         self.workers: dict[str, WorkerHandle] = {}
-        self.reference: P.Register | None = None  # the first worker: the others must agree
+        self.reference: M.Register | None = None  # the first worker: the others must agree
         self.policies = {role: LeastLoaded() for role in ("colocated", "prefill", "decode")}
         self.local_prefill = LocalPrefill() if local_prefill else None
         self._tracks: dict[str, _Track] = {}
@@ -114,7 +114,7 @@ class Conductor:
         self._stopping = True  # workers exiting now are no failure to report
         for w in self.workers.values():
             if w.alive:
-                self._send(w.info.worker_id, P.Shutdown())
+                self._send(w.info.worker_id, M.Shutdown())
         deadline = time.monotonic() + timeout_s
         for w in self.workers.values():
             if w.proc is not None:
@@ -203,7 +203,7 @@ class Conductor:
             for w in self.workers.values() if w.alive and w.info.role == role])
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[P.Delta]:
+                       params: SamplingParams) -> AsyncIterator[M.Delta]:
         if request_id in self._tracks:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         if not self.is_ready():
@@ -212,7 +212,7 @@ class Conductor:
             raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's "
                                       f"context is {self.max_model_len}")
         t = _Track(request_id, list(prompt_token_ids), params, asyncio.Queue())
-        wp = P.Params.of(params)
+        wp = M.Params.of(params)
         # one worker runs the whole request: a co-located one, or a decode worker prefilling
         # it itself (conditional disaggregation)
         whole = self._pick("colocated")
@@ -225,7 +225,7 @@ class Conductor:
             t.worker = whole
             self._own(t, whole)
             self._tracks[request_id] = t
-            self._send(whole, P.Generate(request_id, t.prompt, wp), t)
+            self._send(whole, M.Generate(request_id, t.prompt, wp), t)
         else:
             t.prefill, t.decode = prefill, self._pick("decode")
             if t.prefill is None or t.decode is None:
@@ -235,7 +235,7 @@ class Conductor:
             log.debug("%s -> prefill %s, decode %s", request_id, t.prefill, t.decode)
             t.t_reserve = time.monotonic()
             self._tracks[request_id] = t
-            self._send(t.decode, P.Reserve(request_id, t.prompt, wp, t.prefill), t)
+            self._send(t.decode, M.Reserve(request_id, t.prompt, wp, t.prefill), t)
         try:
             while True:
                 item = await t.queue.get()
@@ -272,13 +272,13 @@ class Conductor:
     def _abort(self, t: _Track) -> None:
         rid = t.request_id
         if t.worker:
-            self._send(t.worker, P.Abort(rid))
+            self._send(t.worker, M.Abort(rid))
             return
         fenced = t.prefill_sent and not t.prefill_done
         if fenced and t.decode in self.workers:
-            self._send(t.prefill, P.Abort(rid, decode_peer=self.workers[t.decode].peer))
+            self._send(t.prefill, M.Abort(rid, decode_peer=self.workers[t.decode].peer))
         if t.decode:
-            self._send(t.decode, P.Abort(rid, fenced=fenced))
+            self._send(t.decode, M.Abort(rid, fenced=fenced))
 
     def _send(self, wid: str | None, msg, track: _Track | None = None) -> bool:
         """Send to a live worker; when that fails and `track` is given, the request fails."""
@@ -297,7 +297,7 @@ class Conductor:
             ident, raw = frames
             wid = ident.decode(errors="replace")
             try:
-                msg = P.decode_to_router(raw)
+                msg = M.decode_to_router(raw)
             except Exception as e:
                 log.error("dropped a malformed message from %s: %s", wid, e)
                 continue
@@ -310,13 +310,13 @@ class Conductor:
         if wid.endswith("/hb"):  # the heartbeat socket of worker `wid[:-3]`
             self._heartbeat(wid, msg)
             return
-        if isinstance(msg, P.Register):
+        if isinstance(msg, M.Register):
             self._register(wid, msg)
             return
         w = self.workers.get(wid)
         if w is None or not w.alive:
             return
-        if isinstance(msg, P.Outputs):
+        if isinstance(msg, M.Outputs):
             for d in msg.items:
                 t = self._tracks.get(d.request_id)
                 # only the worker serving this leg of the request may speak for it
@@ -329,35 +329,35 @@ class Conductor:
                             # the prefill worker is done with it: its death no longer concerns us
                             self.workers[t.prefill].requests.discard(t.request_id)
                     t.queue.put_nowait(d)
-        elif isinstance(msg, P.Failed):
+        elif isinstance(msg, M.Failed):
             t = self._tracks.get(msg.request_id)
             if t is not None and wid in (t.worker, t.prefill, t.decode):
                 t.queue.put_nowait(RequestFailed(msg.message))
-        elif isinstance(msg, P.Reserved):
+        elif isinstance(msg, M.Reserved):
             t = self._tracks.get(msg.request_id)
             if t is None or t.decode != wid:
-                self._send(wid, P.Abort(msg.request_id))  # nobody will write these blocks
+                self._send(wid, M.Abort(msg.request_id))  # nobody will write these blocks
                 return
             pw = self.workers.get(t.prefill)
             if t.done or pw is None or not pw.alive:
-                self._send(wid, P.Abort(msg.request_id))
+                self._send(wid, M.Abort(msg.request_id))
                 return
-            t.prefill_sent = self._send(t.prefill, P.Prefill(
-                msg.request_id, t.prompt, P.Params.of(t.params), w.peer, msg.block_ids), t)
+            t.prefill_sent = self._send(t.prefill, M.Prefill(
+                msg.request_id, t.prompt, M.Params.of(t.params), w.peer, msg.block_ids), t)
             t.reserve_seconds = time.monotonic() - t.t_reserve
 
     def _heartbeat(self, hb_ident: str, msg) -> None:
         w = self.workers.get(hb_ident[:-3])
-        if w is None or not isinstance(msg, P.Heartbeat):
+        if w is None or not isinstance(msg, M.Heartbeat):
             return  # not registered (yet): no lease
         if not w.alive:
             # declared dead but still talking (it was stalled): it must not come back to life
             # with stale work, and its lease must not be renewed
-            self._raw_send(hb_ident, P.Shutdown())
+            self._raw_send(hb_ident, M.Shutdown())
             return
         w.last_seen = time.monotonic()
         w.stats = msg.stats
-        self._raw_send(hb_ident, P.Ping())
+        self._raw_send(hb_ident, M.Ping())
 
     def _raw_send(self, ident: str, msg, track: _Track | None = None) -> bool:
         """Send without waiting. zmq.asyncio reports a failed send (ROUTER_MANDATORY: the
@@ -374,7 +374,7 @@ class Conductor:
             return False
 
         try:
-            fut = self.sock.send_multipart([ident.encode(), P.encode(msg)], flags=zmq.NOBLOCK)
+            fut = self.sock.send_multipart([ident.encode(), M.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
             return False
@@ -383,7 +383,7 @@ class Conductor:
         fut.add_done_callback(check)
         return True
 
-    def _register(self, wid: str, msg: P.Register) -> None:
+    def _register(self, wid: str, msg: M.Register) -> None:
         reason = None
         if msg.worker_id != wid:
             reason = f"worker id {msg.worker_id!r} does not match its socket identity {wid!r}"
@@ -403,13 +403,13 @@ class Conductor:
                 reason = f"max_model_len {msg.max_model_len} differs from {ref.max_model_len}"
         if reason:
             log.error("refused worker %s: %s", wid, reason)
-            self._raw_send(wid, P.Welcome(False, reason))
+            self._raw_send(wid, M.Welcome(False, reason))
             return
         if self.reference is None:
             self.reference = msg
         self.workers[wid] = WorkerHandle(msg, time.monotonic(), proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks
-        self._send(wid, P.Welcome(True, lease_s=self.heartbeat_timeout_s / 2))
+        self._send(wid, M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2))
         log.info("worker %s (%s, pid %d) registered", wid, msg.role, msg.pid)
 
     # -- failure detection -------------------------------------------------------------------
@@ -448,7 +448,7 @@ class Conductor:
                 t.queue.put_nowait(RequestFailed(f"{w.info.role} worker {wid} died ({why})"))
         for other in self.workers.values():
             if other.alive:
-                self._send(other.info.worker_id, P.PeerGone(wid))
+                self._send(other.info.worker_id, M.PeerGone(wid))
         if w.info.shm_path and w.proc is not None:  # a child of ours cannot unlink its pool now
             with contextlib.suppress(OSError):
                 os.unlink(w.info.shm_path)

@@ -18,7 +18,7 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
-from splitserve.disagg.protocol import Delta
+from splitserve.disagg.messages import Delta
 
 T = TypeVar("T")
 

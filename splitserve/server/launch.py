@@ -107,7 +107,7 @@ def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a) 
     return procs
 
 
-async def serve(a) -> int:
+async def run_deployment(a) -> int:
     import uvicorn
 
     from splitserve.router.conductor import Conductor
@@ -212,7 +212,7 @@ def run_serve(a) -> int:
     if not a.colocated and (a.prefill < 1 or a.decode < 1):
         raise SystemExit("P/D mode needs --prefill >= 1 and --decode >= 1")
     try:
-        return asyncio.run(serve(a))
+        return asyncio.run(run_deployment(a))
     except KeyboardInterrupt:
         return 0
 

@@ -29,14 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from splitserve.errors import SplitServeError
+from splitserve.server.completions import Generation, MsgspecJSONResponse, error_for
 from splitserve.server.metrics import ApiMetrics
-from splitserve.server.protocol import (
+from splitserve.server.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     error_body,
 )
-from splitserve.server.serving import Generation, MsgspecJSONResponse, error_for
 
 log = logging.getLogger(__name__)
 

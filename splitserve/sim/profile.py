@@ -119,7 +119,6 @@ class Profiler:
         self.vocab = engine.model_config.vocab_size
         self.bs = engine.kv_manager.block_size
         self.max_len = engine.max_model_len
-        self.budget = engine.scheduler.config.max_num_batched_tokens
         cuda = engine.device.type == "cuda"
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
         self._ids = 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from splitserve.disagg.protocol import KVDone
+from splitserve.disagg.messages import KVDone
 from splitserve.errors import SplitServeError
 
 

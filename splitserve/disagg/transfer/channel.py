@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zmq
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.base import KVSender, TransferError
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -19,7 +19,7 @@ SEND_HWM = 4096
 
 
 class SenderChannel:
-    def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
+    def __init__(self, ctx: zmq.Context, sender_id: str, peer: M.DecodePeer, spec: M.KVSpec,
                  transport: str, timeout_s: float = HANDSHAKE_TIMEOUT_S):
         mismatch = spec.mismatch(peer.kv)
         if mismatch:
@@ -29,19 +29,19 @@ class SenderChannel:
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.connect(peer.data_addr)
         self.peer = peer
-        self.send(P.Hello(sender_id, spec, transport))
+        self.send(M.Hello(sender_id, spec, transport))
         if not self.sock.poll(int(timeout_s * 1000)):
             self.close()
             raise TransferError(f"decode worker {peer.worker_id} at {peer.data_addr} did not answer "
                                 f"the KV handshake within {timeout_s:.0f} s")
-        ack = P.decode_data(self.sock.recv())
-        if not isinstance(ack, P.HelloAck) or not ack.ok:
+        ack = M.decode_data(self.sock.recv())
+        if not isinstance(ack, M.HelloAck) or not ack.ok:
             self.close()
             raise TransferError(f"decode worker {peer.worker_id} refused the KV connection: "
                                 f"{getattr(ack, 'reason', ack)}")
 
     def send(self, msg, payload=None) -> None:
-        frames = [P.encode(msg)] if payload is None else [P.encode(msg), payload]
+        frames = [M.encode(msg)] if payload is None else [M.encode(msg), payload]
         try:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=payload is None)
         except zmq.Again as e:
@@ -57,15 +57,15 @@ class ChannelSender(KVSender):
 
     channel: SenderChannel
 
-    def done(self, msg: P.KVDone) -> None:
+    def done(self, msg: M.KVDone) -> None:
         self.channel.send(msg)
         self.transfers += 1
 
     def progress(self, request_id: str) -> None:
-        self.channel.send(P.KVProgress(request_id))
+        self.channel.send(M.KVProgress(request_id))
 
     def fence(self, request_id: str) -> None:
-        self.channel.send(P.KVFence(request_id))
+        self.channel.send(M.KVFence(request_id))
 
     def close(self) -> None:
         self.channel.close()

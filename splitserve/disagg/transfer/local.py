@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.base import KVSender
 from splitserve.kv.cache import KVCache
 
@@ -14,7 +14,7 @@ from splitserve.kv.cache import KVCache
 class LocalSender(KVSender):
     transport = "local"
 
-    def __init__(self, src: KVCache, dst: KVCache, deliver: Callable[[P.KVDone | P.KVFence | P.KVProgress], None]):
+    def __init__(self, src: KVCache, dst: KVCache, deliver: Callable[[M.KVDone | M.KVFence | M.KVProgress], None]):
         super().__init__()
         self.src, self.dst, self.deliver = src, dst, deliver
 
@@ -27,14 +27,14 @@ class LocalSender(KVSender):
         self.seconds += time.perf_counter() - t0
         return n
 
-    def done(self, msg: P.KVDone) -> None:
+    def done(self, msg: M.KVDone) -> None:
         self.transfers += 1
         self.deliver(msg)
 
     def progress(self, request_id: str) -> None:
-        self.deliver(P.KVProgress(request_id))
+        self.deliver(M.KVProgress(request_id))
 
     def fence(self, request_id: str) -> None:
-        self.deliver(P.KVFence(request_id))
+        self.deliver(M.KVFence(request_id))
 
 

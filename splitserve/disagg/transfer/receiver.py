@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import zmq
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.kv.cache import KVCache
 
 
 class KVReceiver:
-    def __init__(self, ctx: zmq.Context, cache: KVCache, spec: P.KVSpec, host: str,
+    def __init__(self, ctx: zmq.Context, cache: KVCache, spec: M.KVSpec, host: str,
                  reserved_blocks: Callable[[str, str], list[int] | None]):
         """reserved_blocks(request_id, sender id): the blocks that sender may write for the
         request now, else None."""
@@ -35,7 +35,7 @@ class KVReceiver:
         self.dropped_layers = 0
         self.bad: set[str] = set()  # requests one of whose layers arrived malformed
 
-    def poll(self) -> list[tuple[str, P.KVDone | P.KVFence | P.KVProgress]]:
+    def poll(self) -> list[tuple[str, M.KVDone | M.KVFence | M.KVProgress]]:
         """Handle everything that has arrived; returns (sender worker id, notice) in order."""
         notices = []
         while True:
@@ -45,30 +45,30 @@ class KVReceiver:
                 return notices
             ident, head = frames[0].bytes, frames[1].bytes
             try:
-                msg = P.decode_data(head)
+                msg = M.decode_data(head)
             except Exception:
                 continue  # not one of ours: ignore it rather than die
-            if isinstance(msg, P.Hello):
+            if isinstance(msg, M.Hello):
                 self._hello(ident, msg)
                 continue
             sender = self.senders.get(ident)
             if sender is None:
                 continue  # no handshake, no say
-            if isinstance(msg, P.KVLayer) and len(frames) == 3:
+            if isinstance(msg, M.KVLayer) and len(frames) == 3:
                 self._layer(sender, msg, frames[2])
-            elif isinstance(msg, P.KVDone | P.KVFence | P.KVProgress):
+            elif isinstance(msg, M.KVDone | M.KVFence | M.KVProgress):
                 notices.append((sender, msg))
 
-    def _hello(self, ident: bytes, msg: P.Hello) -> None:
+    def _hello(self, ident: bytes, msg: M.Hello) -> None:
         mismatch = self.spec.mismatch(msg.kv)
         if mismatch:
-            ack = P.HelloAck(False, f"KV cache mismatch ({mismatch})")
+            ack = M.HelloAck(False, f"KV cache mismatch ({mismatch})")
         else:
             self.senders[ident] = msg.sender_id
-            ack = P.HelloAck(True)
-        self.sock.send_multipart([ident, P.encode(ack)])
+            ack = M.HelloAck(True)
+        self.sock.send_multipart([ident, M.encode(ack)])
 
-    def _layer(self, sender: str, msg: P.KVLayer, frame) -> None:
+    def _layer(self, sender: str, msg: M.KVLayer, frame) -> None:
         held = self.reserved_blocks(msg.request_id, sender)
         if held is None:
             self.dropped_layers += 1  # late (aborted, fenced) or not this sender's to write

@@ -19,7 +19,7 @@ import msgspec
 import torch
 import zmq
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.base import TransferError
 from splitserve.disagg.transfer.channel import ChannelSender, SenderChannel
 from splitserve.kv.cache import KVCache
@@ -31,17 +31,17 @@ SHM_DIR = "/dev/shm"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def _pool_shape(spec: P.KVSpec, num_blocks: int) -> tuple[int, ...]:
+def _pool_shape(spec: M.KVSpec, num_blocks: int) -> tuple[int, ...]:
     return (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
 
 
-def _file_bytes(spec: P.KVSpec, num_blocks: int) -> int:
+def _file_bytes(spec: M.KVSpec, num_blocks: int) -> int:
     """Header + pool."""
     elem = torch.empty(0, dtype=_DTYPES[spec.dtype]).element_size()
     return HEADER + torch.Size(_pool_shape(spec, num_blocks)).numel() * elem
 
 
-def _map(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
+def _map(path: str, spec: M.KVSpec, num_blocks: int) -> torch.Tensor:
     """Map the pool with every page populated up front: a first touch costs a page fault
     (~2-5 us per 4 KiB), which on a fresh pool made the hand-over of a 1k-token prompt 3-4x
     slower than the copy itself."""
@@ -93,7 +93,7 @@ def remove_stale_pools(directory: str = SHM_DIR) -> None:
             pass
 
 
-def create_pool(spec: P.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tuple[str, torch.Tensor]:
+def create_pool(spec: M.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tuple[str, torch.Tensor]:
     """Decode worker: a new zero-filled pool file; returns its path and the mapped tensor."""
     if not os.path.isdir(directory):
         raise TransferError(f"shared-memory directory {directory} does not exist (use --kv-transport tcp)")
@@ -114,7 +114,7 @@ def create_pool(spec: P.KVSpec, num_blocks: int, directory: str = SHM_DIR) -> tu
     return path, _map(path, spec, num_blocks)
 
 
-def attach_pool(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
+def attach_pool(path: str, spec: M.KVSpec, num_blocks: int) -> torch.Tensor:
     """Prefill worker: map a decode worker's pool after checking its header."""
     try:
         with open(path, "rb") as f:
@@ -126,7 +126,7 @@ def attach_pool(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
         raise TransferError(f"{path} is not a splitserve KV pool")
     n = int.from_bytes(head[len(MAGIC):len(MAGIC) + 4], "little")
     meta = json.loads(head[len(MAGIC) + 4:len(MAGIC) + 4 + n])
-    theirs = P.KVSpec(**meta["kv"])
+    theirs = M.KVSpec(**meta["kv"])
     mismatch = spec.mismatch(theirs)
     if mismatch or meta["num_blocks"] != num_blocks:
         raise TransferError(f"KV pool {path} does not match: {mismatch or 'num_blocks differs'}")
@@ -136,7 +136,7 @@ def attach_pool(path: str, spec: P.KVSpec, num_blocks: int) -> torch.Tensor:
 class ShmSender(ChannelSender):
     transport = "shm"
 
-    def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
+    def __init__(self, ctx: zmq.Context, sender_id: str, peer: M.DecodePeer, spec: M.KVSpec,
                  cache: KVCache):
         super().__init__()
         if not peer.shm_path:

@@ -8,7 +8,7 @@ import time
 import torch
 import zmq
 
-from splitserve.disagg import protocol as P
+from splitserve.disagg import messages as M
 from splitserve.disagg.transfer.channel import ChannelSender, SenderChannel
 from splitserve.kv.cache import KVCache
 
@@ -16,7 +16,7 @@ from splitserve.kv.cache import KVCache
 class TcpSender(ChannelSender):
     transport = "tcp"
 
-    def __init__(self, ctx: zmq.Context, sender_id: str, peer: P.DecodePeer, spec: P.KVSpec,
+    def __init__(self, ctx: zmq.Context, sender_id: str, peer: M.DecodePeer, spec: M.KVSpec,
                  cache: KVCache):
         super().__init__()
         self.cache = cache
@@ -29,7 +29,7 @@ class TcpSender(ChannelSender):
         # while ZeroMQ still sends it
         data = self.cache.kv[layer].index_select(1, idx).cpu()
         payload = data.view(torch.uint8).numpy()
-        self.channel.send(P.KVLayer(request_id, layer, list(dst_block_ids)), payload)
+        self.channel.send(M.KVLayer(request_id, layer, list(dst_block_ids)), payload)
         self.bytes_sent += payload.nbytes
         self.seconds += time.perf_counter() - t0
         return payload.nbytes

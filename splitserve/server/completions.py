@@ -23,14 +23,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from splitserve.disagg.protocol import Delta
+from splitserve.disagg.messages import Delta
 from splitserve.errors import (
     InvalidRequestError,
     RequestFailed,
     ServiceUnavailable,
     SplitServeError,
 )
-from splitserve.server import protocol as P
+from splitserve.server import schemas
 from splitserve.server.fanout import ClientGone, close_quietly, merge_streams, until_disconnected
 from splitserve.server.metrics import ApiMetrics, SequenceTimer
 
@@ -69,12 +69,12 @@ class _ClosingStreamingResponse(StreamingResponse):
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int, chat: bool) -> None:
     where = "messages" if chat else "prompt"
     if prompt_len >= max_model_len:
-        raise P.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
+        raise schemas.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
                          f"However, your {where} has {prompt_len} tokens, which leaves no room for "
                          f"the completion. Please shorten the {where}.", param=where,
                          code="context_length_exceeded")
     if prompt_len + max_tokens > max_model_len:
-        raise P.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
+        raise schemas.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
                          f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} "
                          f"in the {where}, {max_tokens} in the completion). Please reduce the "
                          f"length of the {where} or completion.", param="max_tokens",
@@ -86,7 +86,7 @@ class _Choice:
     index: int
     timer: SequenceTimer
     text: list[str] = field(default_factory=list)
-    logprobs: list[P.TokenLogprob] = field(default_factory=list)
+    logprobs: list[schemas.TokenLogprob] = field(default_factory=list)
     lp_offset: int = 0  # completions' text_offset of the next token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -130,17 +130,17 @@ class Generation:
         return merge_streams([self.conductor.generate(*job) for job in jobs])
 
     # -- deltas -----------------------------------------------------------------------------
-    def _logprob_items(self, d: Delta) -> list[P.TokenLogprob]:
+    def _logprob_items(self, d: Delta) -> list[schemas.TokenLogprob]:
         entries = list(zip(d.new_token_ids, d.new_logprobs))
         if not entries:
             return []
         ids = [t for t, _ in entries] + [t for _, (_, top) in entries for t, _ in top]
         strings = iter(self.conductor.token_strings(ids))
         sampled = [next(strings) for _ in entries]
-        return [P.TokenLogprob(s, lp, [(next(strings), tlp) for _, tlp in top])
+        return [schemas.TokenLogprob(s, lp, [(next(strings), tlp) for _, tlp in top])
                 for s, (_, (lp, top)) in zip(sampled, entries)]
 
-    def _apply(self, index: int, d: Delta) -> tuple[_Choice, list[P.TokenLogprob]]:
+    def _apply(self, index: int, d: Delta) -> tuple[_Choice, list[schemas.TokenLogprob]]:
         c = self.choices[index]
         now = time.monotonic()
         c.timer.on_tokens(len(d.new_token_ids), now)
@@ -162,7 +162,7 @@ class Generation:
             c.timer.on_finish(reason, now)
 
     def _usage(self) -> dict:
-        return P.usage(self.prompt_tokens, sum(c.timer.num_tokens for c in self.choices))
+        return schemas.usage(self.prompt_tokens, sum(c.timer.num_tokens for c in self.choices))
 
     # -- answers ----------------------------------------------------------------------------
     async def respond(self, request: Request) -> Response:
@@ -200,40 +200,40 @@ class Generation:
         for c in self.choices:
             text = "".join(c.text)
             if self.chat:
-                lp = P.chat_logprobs(c.logprobs) if self.want_logprobs else None
-                choices.append(P.chat_choice(c.index, text, c.finish_reason, lp, c.stop_reason))
+                lp = schemas.chat_logprobs(c.logprobs) if self.want_logprobs else None
+                choices.append(schemas.chat_choice(c.index, text, c.finish_reason, lp, c.stop_reason))
             else:
-                lp = P.completion_logprobs(c.logprobs, 0) if self.want_logprobs else None
-                choices.append(P.completion_choice(c.index, text, c.finish_reason, lp,
+                lp = schemas.completion_logprobs(c.logprobs, 0) if self.want_logprobs else None
+                choices.append(schemas.completion_choice(c.index, text, c.finish_reason, lp,
                                                    c.stop_reason))
         kind = "chat.completion" if self.chat else "text_completion"
-        return P.envelope(kind, self.id, self.created, self.model, choices, self._usage())
+        return schemas.envelope(kind, self.id, self.created, self.model, choices, self._usage())
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         if self.body.include_usage:
-            return sse(P.envelope(kind, self.id, self.created, self.model, choices, usage))
-        return sse(P.envelope(kind, self.id, self.created, self.model, choices))
+            return sse(schemas.envelope(kind, self.id, self.created, self.model, choices, usage))
+        return sse(schemas.envelope(kind, self.id, self.created, self.model, choices))
 
-    def _chunk_choice(self, c: _Choice, d: Delta, items: list[P.TokenLogprob]) -> dict | None:
+    def _chunk_choice(self, c: _Choice, d: Delta, items: list[schemas.TokenLogprob]) -> dict | None:
         if not d.new_text and not items and not d.finished:
             return None  # e.g. a token held back mid-UTF-8: nothing to tell yet
         if self.chat:
-            lp = P.chat_logprobs(items) if self.want_logprobs else None
+            lp = schemas.chat_logprobs(items) if self.want_logprobs else None
             delta = {"content": d.new_text} if d.new_text else {}
-            return P.chat_chunk_choice(c.index, delta, c.finish_reason, lp, c.stop_reason)
+            return schemas.chat_chunk_choice(c.index, delta, c.finish_reason, lp, c.stop_reason)
         lp = None
         if self.want_logprobs:
-            lp = P.completion_logprobs(items, c.lp_offset)
+            lp = schemas.completion_logprobs(items, c.lp_offset)
             c.lp_offset += sum(len(it.token) for it in items)
-        return P.completion_choice(c.index, d.new_text, c.finish_reason, lp, c.stop_reason)
+        return schemas.completion_choice(c.index, d.new_text, c.finish_reason, lp, c.stop_reason)
 
     async def _stream(self, first, merged):
         try:
             if self.chat:  # OpenAI's first chunk of each choice names the role
                 role = {"role": "assistant", "content": ""}
                 for c in self.choices:
-                    yield self._chunk([P.chat_chunk_choice(c.index, role)])
+                    yield self._chunk([schemas.chat_chunk_choice(c.index, role)])
             item = first
             while item is not None:
                 c, items = self._apply(*item)
@@ -250,7 +250,7 @@ class Generation:
         except Exception:
             self._end("error")
             log.exception("request %s: unexpected error mid-stream", self.id)
-            yield sse(P.error_body("internal server error", "server_error"))
+            yield sse(schemas.error_body("internal server error", "server_error"))
         except BaseException:  # cancelled or closed: the client went away
             self._end("abort")
             raise
@@ -259,10 +259,10 @@ class Generation:
         yield SSE_DONE
 
 
-def error_for(e: SplitServeError) -> P.ApiError:
+def error_for(e: SplitServeError) -> schemas.ApiError:
     """The HTTP answer for an error the engine side raised on purpose."""
     if isinstance(e, InvalidRequestError):
-        return P.ApiError(400, str(e))
+        return schemas.ApiError(400, str(e))
     if isinstance(e, ServiceUnavailable):
-        return P.ApiError(503, str(e), type="service_unavailable_error")
-    return P.ApiError(500, str(e) or type(e).__name__, type="server_error")
+        return schemas.ApiError(503, str(e), type="service_unavailable_error")
+    return schemas.ApiError(500, str(e) or type(e).__name__, type="server_error")
