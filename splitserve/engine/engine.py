@@ -1,7 +1,10 @@
 """LLMEngine: schedule -> run -> postprocess, one step at a time.
 
-The same engine core serves all three roles (SchedulerConfig.role); the disaggregated runtime
-drives it through add_request / reserve / admit / release and reads the KV tensors directly.
+The deciding half is EngineCore (core.py: scheduler, KV manager, role operations, the forward
+injected); this class gives it the real forward (ModelRunner), the sampler and the incremental
+detokenizer. The same engine serves all three roles (SchedulerConfig.role); the disaggregated
+runtime drives it through add_request / reserve / admit / release and reads the KV tensors
+directly.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.config import EngineConfig, ModelConfig
+from splitserve.engine.core import EngineCore
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import Sampler
-from splitserve.engine.scheduler import ScheduledChunk, Scheduler
+from splitserve.engine.scheduler import ScheduledChunk
 from splitserve.errors import InvalidRequestError
 from splitserve.kv.cache import KVCache, kv_bytes_per_block
 from splitserve.kv.hashing import root_hash
-from splitserve.kv.manager import KVCacheManager
 from splitserve.model.layers import pick_linear_mode
 from splitserve.model.loader import LoadedCheckpoint, build_model, load_checkpoint
 from splitserve.request import Request, RequestStatus, SamplingParams
@@ -97,15 +100,15 @@ class LLMEngine:
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // per_block))
         self.kv_cache = KVCache(mc, num_blocks, cc.block_size, self.dtype, self.device,
                                 tensor=kv_allocator(self, num_blocks) if kv_allocator else None)
-        self.kv_manager = KVCacheManager(
-            num_blocks, cc.block_size, root_hash(self.model_id, cc.block_size, cc.hash_salt),
-            enable_caching=cc.enable_prefix_caching,
-        )
         eos = set(mc.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.eos_token_ids)
+        self.core = EngineCore(config.scheduler, num_blocks, cc.block_size,
+                               root_hash(self.model_id, cc.block_size, cc.hash_salt),
+                               self.max_model_len, self.eos_token_ids, cc.enable_prefix_caching)
+        self.kv_manager = self.core.kv
+        self.scheduler = self.core.scheduler
         self.sampler = Sampler(self.device, config.seed)
         self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self.kv_manager.block_ids, self.device)
         self._states: dict[str, _ReqState] = {}
@@ -145,14 +148,12 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float = 0.0) -> str:
         req = self._new_request(prompt, params or SamplingParams(), request_id, arrival_time)
-        self.scheduler.add_request(req)
+        self.core.add_request(req)
         self._track(req)
         return req.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-        if req is not None and req.status is RequestStatus.FINISHED_PREFILLED:
-            self.scheduler.release(request_id)
+        req = self.core.abort(request_id)
         self.sampler.forget(request_id)
         st = self._states.pop(request_id, None)
         if req is None or st is None:
@@ -163,7 +164,7 @@ class LLMEngine:
     def reserve(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                 arrival_time: float = 0.0) -> list[int] | None:
         req = self._new_request(prompt_token_ids, params, request_id, arrival_time)
-        block_ids = self.scheduler.reserve(req)
+        block_ids = self.core.reserve(req)
         if block_ids is not None:
             self._track(req)
         return block_ids
@@ -171,7 +172,7 @@ class LLMEngine:
     def admit(self, request_id: str, first_token: int, first_logprobs=None) -> RequestOutput:
         """The prompt's KV is in the reserved blocks; `first_token` (with its logprobs, when the
         request asked for them) was sampled by the prefill worker."""
-        req = self.scheduler.admit(request_id, first_token)
+        req = self.core.admit(request_id, first_token)
         # The prefill worker's generator drew the first token's noise: draw it here too, so a
         # seeded request samples the same tokens as it would in one engine.
         self.sampler.skip_draw(request_id, req.params, self.model_config.vocab_size)
@@ -179,20 +180,22 @@ class LLMEngine:
 
     # prefill role
     def release(self, request_id: str) -> None:
-        self.scheduler.release(request_id)
+        self.core.release(request_id)
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        logprobs: dict = {}
+
+        def forward(out) -> dict[str, int]:
+            hook = self.kv_layer_hook
+            res = self.runner.execute(out, None if hook is None else (lambda i: hook(i, out.chunks)))
+            logprobs.update(res.logprobs)
+            return res.sampled
+
+        out, stepped = self.core.step(forward)
         # finished while scheduling (outgrew the KV pool): reported with no new token
-        outputs = [self._output(r, [], []) for r in out.finished]
-        if out.is_empty:
-            return outputs
-        hook = self.kv_layer_hook
-        res = self.runner.execute(out, None if hook is None else (lambda i: hook(i, out.chunks)))
-        stepped = self.scheduler.update_from_output(out, res.sampled)
-        return outputs + [
-            self._postprocess(r, [res.logprobs[r.request_id]] if r.request_id in res.logprobs else [])
+        return [self._output(r, [], []) for r in out.finished] + [
+            self._postprocess(r, [logprobs[r.request_id]] if r.request_id in logprobs else [])
             for r in stepped]
 
     def _postprocess(self, req: Request, logprobs: list) -> RequestOutput:
@@ -243,9 +246,9 @@ class LLMEngine:
             self.kv_manager.free(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.core.has_unfinished()
 
     def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+        self.core.check_integrity()
         assert set(self._states) >= {r for r in self.scheduler.requests
                                      if not self.scheduler.requests[r].is_finished}
