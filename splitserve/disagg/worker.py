@@ -5,17 +5,11 @@ control socket (requests, aborts) and, on a decode worker, the data plane (KV la
 fence notices), then runs one step and sends the step's outputs. A prefill worker's engine
 calls `_on_layer` from inside the forward pass, as each layer's K/V lands in its cache.
 
-A decode worker's reserved blocks are written by someone else (one-sided, like RDMA), so once a
-prefill worker may be writing them they are not freed until that worker says it has stopped
-(KVDone or KVFence), or the router declares it dead (PeerGone), or FENCE_MAX_S pass: freeing
-them early could let late writes land in blocks that another request owns by then. A prefill
-worker writes only while it holds a lease (the router answered a heartbeat within `lease_s`,
-half the router's dead-worker timeout), so by the time the router declares it dead it has
-stopped writing, even if it was only stalled.
-
-    reservation:  Reserve ─► pending (no blocks yet) ─► waiting_kv (blocks held; deadline:
-                    queue timeout, then kv_timeout from each KVProgress) ─► KVDone: admitted
-                    ─► timeout / Abort: fenced (blocks held, request failed) ─► KVFence: freed
+The hand-over's bookkeeping — which blocks a chunk writes, reservations, deadlines, fences —
+is in handover.py (PrefillSide, DecodeSide: plain state machines the simulator drives too);
+this file does their I/O. A prefill worker writes only while it holds a lease (the router
+answered a heartbeat within `lease_s`, half the router's dead-worker timeout), so by the time
+the router declares it dead it has stopped writing, even if it was only stalled.
 """
 
 from __future__ import annotations
@@ -26,13 +20,14 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 
 import zmq
 
 from splitserve.config import EngineConfig
+from splitserve.disagg import decision_log
 from splitserve.disagg import messages as M
+from splitserve.disagg.handover import DecodeSide, Fail, Free, PrefillSide, Reserved
 from splitserve.disagg.transfer.base import KVSender, TransferError
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.errors import SplitServeError
@@ -41,7 +36,6 @@ from splitserve.request import RequestStatus
 log = logging.getLogger("splitserve.worker")
 
 HEARTBEAT_S = 0.5
-FENCE_MAX_S = 60.0  # a stalled prefill worker keeps fenced blocks at most this long
 
 
 def host_identity() -> str:
@@ -84,28 +78,6 @@ def to_delta(o: RequestOutput, handover: M.Handover | None = None) -> M.Delta:
                    len(o.token_ids), handover)
 
 
-@dataclass
-class _Target:
-    """Prefill side: where one request's KV goes."""
-
-    peer: M.DecodePeer
-    dst_blocks: list[int]
-    next_block: int = 0  # blocks below this one were written in full
-    bytes: int = 0
-    write_seconds: float = 0.0
-    error: str | None = None
-
-
-@dataclass
-class _Reservation:
-    """Decode side: a request whose KV is expected from msg.prefill_worker_id."""
-
-    msg: M.Reserve
-    deadline: float = 0.0
-    fenced_at: float | None = None
-    started: bool = False  # a KVProgress arrived: the prefill worker is writing it
-
-
 class Worker:
     def __init__(self, cfg: WorkerConfig):
         if cfg.role not in ("colocated", "prefill", "decode"):
@@ -127,6 +99,8 @@ class Worker:
         want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
         self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
+        if decision_log.directory():
+            eng.core.trace = []
         self.spec = self._kv_spec(eng)
         self.host = host_identity()
         self.ctx = zmq.Context.instance()
@@ -145,11 +119,14 @@ class Worker:
         self.running = True
         self.receiver = None
         # prefill
-        self.targets: dict[str, _Target] = {}
+        self.prefill_side = PrefillSide(self.spec.block_size)
+        self.peers: dict[str, M.DecodePeer] = {}  # decode workers this one has written to
         self.senders: dict[str, KVSender] = {}
         # decode
-        self.pending: deque[M.Reserve] = deque()
-        self.reservations: dict[str, _Reservation] = {}
+        self.decode_side = DecodeSide(cfg.kv_timeout_s, cfg.kv_queue_timeout_s)
+        self._handlers = {M.Shutdown: self._on_shutdown, M.Generate: self._on_generate,
+                          M.Abort: self._on_abort, M.PeerGone: self._on_peer_gone,
+                          M.Prefill: self._on_prefill, M.Reserve: self._on_reserve}
         if self.role == "decode":
             self._setup_decode()
         if self.role == "prefill":
@@ -189,8 +166,7 @@ class Worker:
 
     def _reserved_blocks(self, request_id: str, sender_id: str) -> list[int] | None:
         """Blocks a tcp layer of request_id from sender_id may be written into, or None."""
-        r = self.reservations.get(request_id)
-        if r is None or r.fenced_at is not None or r.msg.prefill_worker_id != sender_id:
+        if self.decode_side.writer_of(request_id) != sender_id:
             return None
         return self.engine.kv_manager.block_ids(request_id)
 
@@ -217,6 +193,7 @@ class Worker:
         self.router_seen = time.monotonic()
 
     def close(self) -> None:
+        decision_log.write(self.worker_id, self.engine.core.trace)
         for s in self.senders.values():
             s.close()
         if self.receiver:
@@ -243,7 +220,7 @@ class Worker:
             while self.running:
                 busy = self.engine.has_unfinished()
                 timeout = 0 if busy else 50
-                if self.role == "decode" and (self.pending or self.reservations):
+                if self.role == "decode" and self.decode_side.busy:
                     timeout = min(timeout, 10)
                 events = dict(self.poller.poll(timeout))
                 if self.ctrl in events:
@@ -315,7 +292,7 @@ class Worker:
         """Refresh the numbers the heartbeat thread sends; when idle, check the block pool."""
         eng, st = self.engine, self.stats
         st.running = len(eng.scheduler.running)
-        st.waiting = len(eng.scheduler.waiting) + len(self.pending)
+        st.waiting = len(eng.scheduler.waiting) + len(self.decode_side.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
         if self.role == "prefill":
             senders = [*self.senders.values(), *self._retired]
@@ -324,7 +301,7 @@ class Worker:
             st.kv_transfers = sum(s.transfers for s in senders)
         if self.receiver is not None:
             st.kv_bytes_received = self.receiver.bytes_received
-        if not (eng.has_unfinished() or self.pending or self.reservations or self.targets):
+        if not (eng.has_unfinished() or self.decode_side.busy or self.prefill_side.targets):
             try:
                 eng.check_integrity()
                 assert st.kv_blocks_used == 0, f"{st.kv_blocks_used} blocks in use while idle"
@@ -343,7 +320,7 @@ class Worker:
             except Exception as e:  # a malformed frame must not kill the worker
                 log.error("dropped a malformed control message: %s", e)
                 continue
-            handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
+            handler = self._handlers.get(type(msg))
             if handler is None:
                 continue
             try:
@@ -353,7 +330,7 @@ class Worker:
                 rid = getattr(msg, "request_id", None)
                 if rid is not None:
                     self.engine.abort_request(rid)
-                    self.targets.pop(rid, None)
+                    self.prefill_side.pop(rid)
                     self._fail(rid, f"{type(msg).__name__} failed on {self.worker_id}: {e}")
 
     def _on_shutdown(self, msg: M.Shutdown) -> None:
@@ -375,8 +352,8 @@ class Worker:
             self._decode_abort(rid, msg.fenced)
             return
         self.engine.abort_request(rid)
-        target = self.targets.pop(rid, None)
-        peer = target.peer if target else msg.decode_peer
+        target = self.prefill_side.pop(rid)
+        peer = self.peers.get(target.peer_id) if target else msg.decode_peer
         sender = self.senders.get(peer.worker_id) if self.role == "prefill" and peer else None
         if sender is not None:
             # the decode worker keeps the blocks until it knows no write of ours is left. No
@@ -387,20 +364,14 @@ class Worker:
             except TransferError as e:
                 log.warning("could not fence %s at %s: %s", rid, peer.worker_id, e)
 
-    def _on_peergone(self, msg: M.PeerGone) -> None:
+    def _on_peer_gone(self, msg: M.PeerGone) -> None:
         s = self.senders.pop(msg.worker_id, None)
         if s is not None:
             s.close()
             self._retired.append(s)
-        for m in [m for m in self.pending if m.prefill_worker_id == msg.worker_id]:
-            self.pending.remove(m)
-        for rid, t in list(self.targets.items()):
-            if t.peer.worker_id == msg.worker_id:
-                del self.targets[rid]
-                self.engine.abort_request(rid)
-        for rid, r in list(self.reservations.items()):
-            if r.msg.prefill_worker_id == msg.worker_id:
-                self._free_reservation(rid)
+        # the requests this worker was writing to it, or it to this one
+        for rid in self.prefill_side.drop_peer(msg.worker_id) + self.decode_side.on_peer_gone(msg.worker_id):
+            self.engine.abort_request(rid)
 
     # -- prefill role ----------------------------------------------------------------------
     def _sender(self, peer: M.DecodePeer) -> KVSender:
@@ -423,33 +394,28 @@ class Worker:
         rid = msg.request_id
         try:
             self._sender(msg.peer)
-            if len(msg.block_ids) * self.spec.block_size < len(msg.prompt_token_ids):
-                raise TransferError(f"{len(msg.block_ids)} reserved blocks cannot hold "
-                                    f"{len(msg.prompt_token_ids)} prompt tokens")
+            self.prefill_side.add(rid, msg.peer.worker_id, msg.block_ids, len(msg.prompt_token_ids))
+            self.peers[msg.peer.worker_id] = msg.peer
             self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), rid)
         except SplitServeError as e:
+            self.prefill_side.pop(rid)
             self._fail(rid, str(e))
-            return
-        self.targets[rid] = _Target(msg.peer, list(msg.block_ids))
 
     def _on_layer(self, layer: int, chunks) -> None:
         """Engine hook (inside the forward): layer `layer` of every prompt chunk of this step is
-        in the local cache; write it to each request's decode worker.
-
-        Blocks written per chunk [start, end):  [min(next_block, start // bs), ceil(end / bs))
-        - from block 0 on a request's first chunk (its prefix-cache hits were never computed
-          here but must be sent), a partial last block is written again by the next chunk."""
+        in the local cache; write it to each request's decode worker (the blocks of each chunk:
+        handover.Target.chunk_blocks)."""
         bs = self.spec.block_size
         last = layer == self.spec.num_layers - 1
         lease_ok = self.lease_valid()
         for ch in chunks:
             rid = ch.request.request_id
-            t = self.targets.get(rid)
+            t = self.prefill_side.get(rid)
             if t is None or t.error or ch.num_new_tokens == 0:
                 continue
             if layer == 0:  # a new chunk: the decode worker's transfer deadline restarts
                 try:
-                    self.senders[t.peer.worker_id].progress(rid)
+                    self.senders[t.peer_id].progress(rid)
                 except (TransferError, KeyError):
                     pass  # the write below reports it
             if not lease_ok:
@@ -457,119 +423,93 @@ class Worker:
                 # blocks for someone else: never write without a live lease
                 t.error = "lost contact with the router (lease expired)"
                 continue
-            end = ch.start + ch.num_new_tokens
-            b0, b1 = min(t.next_block, ch.start // bs), -(-end // bs)
+            b0, b1 = t.chunk_blocks(ch.start, ch.num_new_tokens, bs)
             src = self.engine.kv_manager.block_ids(rid)[b0:b1]
             try:
-                sender = self.senders[t.peer.worker_id]
+                sender = self.senders[t.peer_id]
                 before = sender.seconds  # the sender times its writes; this request's share
                 t.bytes += sender.write_layer(rid, layer, src, t.dst_blocks[b0:b1])
                 t.write_seconds += sender.seconds - before
             except (TransferError, KeyError) as e:
                 t.error = str(e) if isinstance(e, TransferError) else "decode worker is gone"
             if last:
-                t.next_block = end // bs
+                t.chunk_written(ch.start, ch.num_new_tokens, bs)
 
     def _prefill_outputs(self, outs: list[RequestOutput]) -> None:
         for o in outs:
             rid = o.request_id
-            t = self.targets.get(rid)
-            if t is None:
-                continue
-            if t.error:
-                del self.targets[rid]
+            t = self.prefill_side.get(rid)
+            what = self.prefill_side.on_output(rid, o.finished, bool(o.new_token_ids))
+            if what == "failed":
                 self.engine.abort_request(rid)
-                self._fail(rid, f"KV transfer to {t.peer.worker_id} failed: {t.error}")
+                self._fail(rid, f"KV transfer to {t.peer_id} failed: {t.error}")
                 continue
-            if not o.finished:
-                continue
-            del self.targets[rid]
-            if not o.new_token_ids:  # finished without a token (outgrew the pool)
+            if what == "no-token":  # finished without a token (outgrew the pool)
                 self._fail(rid, f"prefill could not finish ({o.finish_reason})")
+                continue
+            if what != "done":
                 continue
             first_lp = wire_logprobs(o.new_logprobs[0]) if o.new_logprobs else None
             try:
-                sender = self.senders[t.peer.worker_id]
+                sender = self.senders[t.peer_id]
                 sender.done(M.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
                                      time.monotonic(), sender.transport))
             except (TransferError, KeyError) as e:
-                self._fail(rid, f"KV hand-over to {t.peer.worker_id} failed: {e}")
+                self._fail(rid, f"KV hand-over to {t.peer_id} failed: {e}")
             if o.finish_reason == RequestStatus.FINISHED_PREFILLED.value:
                 self.engine.release(rid)
 
     # -- decode role -----------------------------------------------------------------------
     def _on_reserve(self, msg: M.Reserve) -> None:
-        self.pending.append(msg)
+        self.decode_side.queue(msg.request_id, msg.prefill_worker_id, msg)
+
+    def _reserve(self, msg: M.Reserve) -> list[int] | None:
+        return self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
+                                   msg.request_id)
 
     def _decode_housekeeping(self, now: float) -> None:
-        while self.pending:
-            msg = self.pending[0]
-            try:
-                blocks = self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
-                                             msg.request_id)
-            except SplitServeError as e:
-                self.pending.popleft()
-                self._fail(msg.request_id, str(e))
-                continue
-            if blocks is None:
-                break  # FIFO: later reservations wait behind this one
-            self.pending.popleft()
-            self.reservations[msg.request_id] = _Reservation(msg, now + self.cfg.kv_queue_timeout_s)
-            self._send(M.Reserved(msg.request_id, blocks))
-        for rid, r in list(self.reservations.items()):
-            if r.fenced_at is None and now > r.deadline:
-                r.fenced_at = now
-                what = (f"made no progress for {self.cfg.kv_timeout_s:g} s" if r.started else
-                        f"did not start within {self.cfg.kv_queue_timeout_s:g} s")
-                self._fail(rid, f"KV transfer from {r.msg.prefill_worker_id} {what}")
-            elif r.fenced_at is not None and now - r.fenced_at > FENCE_MAX_S:
-                log.warning("no fence for %s from %s after %.0f s; freeing its blocks", rid,
-                            r.msg.prefill_worker_id, FENCE_MAX_S)
-                self._free_reservation(rid)
-
-    def _free_reservation(self, rid: str) -> None:
-        self.reservations.pop(rid, None)
-        self.engine.abort_request(rid)
+        for a in self.decode_side.tick(now, self._reserve):
+            match a:
+                case Reserved():
+                    self._send(M.Reserved(a.request_id, a.block_ids))
+                case Fail():
+                    self._fail(a.request_id, a.message)
+                case Free():  # fenced, and the writer never said it stopped
+                    log.warning("no fence for %s after %.0f s; freeing its blocks", a.request_id,
+                                self.decode_side.fence_max_s)
+                    self.engine.abort_request(a.request_id)
 
     def _decode_abort(self, rid: str, fenced: bool) -> None:
-        for i, m in enumerate(self.pending):
-            if m.request_id == rid:
-                del self.pending[i]
-                return
-        r = self.reservations.get(rid)
-        if r is not None:
-            if fenced:
-                r.fenced_at = r.fenced_at or time.monotonic()
-            else:
-                self._free_reservation(rid)
-            return
-        self.engine.abort_request(rid)
+        if self.decode_side.on_abort(rid, fenced, time.monotonic()) in ("free", "engine"):
+            self.engine.abort_request(rid)
 
     def _drain_data(self) -> None:
+        side = self.decode_side
         for sender, msg in self.receiver.poll():
             rid = msg.request_id
-            r = self.reservations.get(rid)
-            if r is None or sender != r.msg.prefill_worker_id:
+            match msg:
+                case M.KVProgress():
+                    side.on_progress(rid, sender, time.monotonic())
+                    continue
+                case M.KVFence():
+                    if side.on_fence(rid, sender):  # the writer has stopped: free the blocks
+                        self.engine.abort_request(rid)
+                    continue
+            what = side.on_done(rid, sender)
+            if what is None:
                 continue  # already freed, or not the worker that writes this request
-            if isinstance(msg, M.KVProgress):
-                if r.fenced_at is None:
-                    r.started = True
-                    r.deadline = time.monotonic() + self.cfg.kv_timeout_s
-                continue
-            if isinstance(msg, M.KVFence) or r.fenced_at is not None:
-                self._free_reservation(rid)  # the writer has stopped: the blocks are safe to free
-                continue
+            # "free": it was fenced meanwhile (its request has failed); the writer has stopped
             problem = None
-            if rid in self.receiver.bad:
+            if what == "admit" and rid in self.receiver.bad:
                 problem = "a KV layer arrived malformed"
-            elif not 0 <= msg.first_token < self.engine.model_config.vocab_size:
+            elif what == "admit" and not 0 <= msg.first_token < self.engine.model_config.vocab_size:
                 problem = f"first token {msg.first_token} is outside the vocabulary"
-            if problem:
+            if what == "free" or problem:
                 self.receiver.bad.discard(rid)
-                self._free_reservation(rid)
-                self._fail(rid, f"KV hand-over from {sender} failed: {problem}")
+                self.engine.abort_request(rid)
+                if problem:
+                    self._fail(rid, f"KV hand-over from {sender} failed: {problem}")
                 continue
-            del self.reservations[rid]
             o = self.engine.admit(rid, msg.first_token, msg.first_logprobs)
             notify = time.monotonic() - msg.t_sent
             self.stats.kv_transfers += 1
