@@ -1,10 +1,11 @@
-"""The conductor: the router's state and its side of the control plane, in the API server's
-asyncio loop.
+"""The conductor: the router's side of the control plane, in the API server's asyncio loop —
+the I/O shell around RouterState (state.py), which makes every decision.
 
-It keeps the worker registry (every worker must agree on model and KV layout with the first
-one), picks workers for each request, drives the P/D hand-off (Reserve at a decode worker,
-then Prefill at a prefill worker naming the reserved blocks), relays outputs to the request's
-stream, and turns a worker's death or failure into an error on exactly the requests it held.
+It registers workers (every worker must agree on model and KV layout with the first one),
+sends each request to the workers RouterState picks, drives the P/D hand-off (Reserve at a
+decode worker, then Prefill at a prefill worker naming the reserved blocks), relays outputs
+to the request's stream, and turns a worker's death or failure into an error on exactly the
+requests it held.
 
     generate(): Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... Outputs (from decode)
     generator closed early (client gone) ─► Abort to both workers (see messages.Abort)
@@ -25,10 +26,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from splitserve.disagg import decision_log
 from splitserve.disagg import messages as M
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
 from splitserve.request import SamplingParams
-from splitserve.router.policies import DecodeLoad, LeastLoaded, LocalPrefill, WorkerLoad
+from splitserve.router.policies import LocalPrefill
+from splitserve.router.state import RouterState, WorkerView
 from splitserve.tokenization import PromptEncoder
 
 log = logging.getLogger("splitserve.router")
@@ -37,11 +40,13 @@ log = logging.getLogger("splitserve.router")
 @dataclass
 class WorkerHandle:
     info: M.Register
-    last_seen: float
+    view: WorkerView  # the router state's record of it (alive, its requests)
     stats: M.WorkerStats = field(default_factory=M.WorkerStats)
-    requests: set[str] = field(default_factory=set)
     proc: subprocess.Popen | None = None
-    alive: bool = True
+
+    @property
+    def alive(self) -> bool:
+        return self.view.alive
 
     @property
     def peer(self) -> M.DecodePeer:
@@ -50,20 +55,14 @@ class WorkerHandle:
 
 
 @dataclass
-class _Track:
-    request_id: str
+class _Stream:
+    """What only the I/O side needs of a request in flight: its prompt and params (sent to
+    workers) and the queue its outputs reach the API through."""
+
     prompt: list[int]
     params: SamplingParams
     queue: asyncio.Queue
-    worker: str | None = None  # colocated, or a decode worker prefilling it itself
-    prefill: str | None = None
-    decode: str | None = None
-    prefill_sent: bool = False
-    prefill_done: bool = False  # the decode worker has admitted it
-    first_token: bool = False  # an output arrived
     done: bool = False
-    t_reserve: float = 0.0
-    reserve_seconds: float = 0.0
 
 
 class Conductor:
@@ -76,14 +75,14 @@ class Conductor:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._tokenizer = tokenizer
         self.prompts: PromptEncoder | None = None
+        self.state = RouterState(LocalPrefill() if local_prefill else None)
+        if decision_log.directory():
+            self.state.routes = []
         self.workers: dict[str, WorkerHandle] = {}
         self.reference: M.Register | None = None  # the first worker: the others must agree
-        self.policies = {role: LeastLoaded() for role in ("colocated", "prefill", "decode")}
-        self.local_prefill = LocalPrefill() if local_prefill else None
-        self._tracks: dict[str, _Track] = {}
+        self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task] = []
         self.addr = ""
-        self.dead: list[str] = []
         self._stopping = False
         self._procs: dict[str, subprocess.Popen] = {}
         self.ctx = zmq.asyncio.Context()
@@ -129,6 +128,7 @@ class Conductor:
                 await t
         self.sock.close(linger=0)
         self.ctx.term()
+        decision_log.write("router", self.state.routes)
 
     def attach_process(self, worker_id: str, proc: subprocess.Popen) -> None:
         """A worker this process started: its exit is noticed at once, not by heartbeat."""
@@ -137,12 +137,13 @@ class Conductor:
             self.workers[worker_id].proc = proc
 
     # -- what the API asks -------------------------------------------------------------------
+    @property
+    def dead(self) -> list[str]:
+        """Workers that died (or exited before registering), in that order."""
+        return self.state.dead
+
     def is_ready(self) -> bool:
-        """Requests can be served: a co-located worker, or a prefill and a decode worker, live
-        (with local prefill, a decode worker alone: it prefills every request itself)."""
-        live = [w.info.role for w in self.workers.values() if w.alive]
-        return "colocated" in live or ("decode" in live and (
-            "prefill" in live or self.local_prefill is not None))
+        return self.state.is_ready()
 
     def starting(self) -> list[str]:
         """Workers this process started that have neither registered nor exited yet."""
@@ -184,7 +185,7 @@ class Conductor:
     def health(self) -> dict:
         return {"status": self.status(), "starting": self.starting(), "workers": [
             {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive,
-             "outstanding": len(w.requests), "kv_transport": w.info.transport}
+             "outstanding": len(w.view.requests), "kv_transport": w.info.transport}
             for w in self.workers.values()], "dead": list(self.dead)}
 
     def worker_stats(self) -> list[dict]:
@@ -197,95 +198,51 @@ class Conductor:
                 **msgspec.structs.asdict(w.stats)}
 
     # -- requests ----------------------------------------------------------------------------
-    def _pick(self, role: str) -> str | None:
-        return self.policies[role].pick([
-            WorkerLoad(w.info.worker_id, len(w.requests), w.stats.kv_blocks_total - w.stats.kv_blocks_used)
-            for w in self.workers.values() if w.alive and w.info.role == role])
-
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[M.Delta]:
-        if request_id in self._tracks:
-            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
-        if not self.is_ready():
-            raise ServiceUnavailable("no worker is ready to serve (starting, or all died)")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's "
-                                      f"context is {self.max_model_len}")
-        t = _Track(request_id, list(prompt_token_ids), params, asyncio.Queue())
+        t = self.state.route(request_id, len(prompt_token_ids), time.monotonic())
+        s = self._streams[request_id] = _Stream(list(prompt_token_ids), params, asyncio.Queue())
         wp = M.Params.of(params)
-        # one worker runs the whole request: a co-located one, or a decode worker prefilling
-        # it itself (conditional disaggregation)
-        whole = self._pick("colocated")
-        prefill = self._pick("prefill") if whole is None else None
-        if whole is None and self.local_prefill is not None:
-            # no prefill worker left (all died): the decode workers serve whole requests
-            whole = (self._local_prefill_target(prefill, len(t.prompt)) if prefill is not None
-                     else self._pick("decode"))
-        if whole is not None:
-            t.worker = whole
-            self._own(t, whole)
-            self._tracks[request_id] = t
-            self._send(whole, M.Generate(request_id, t.prompt, wp), t)
+        if t.worker is not None:
+            self._send(t.worker, M.Generate(request_id, s.prompt, wp), request_id)
         else:
-            t.prefill, t.decode = prefill, self._pick("decode")
-            if t.prefill is None or t.decode is None:
-                raise ServiceUnavailable("no prefill+decode pair is alive")
-            self._own(t, t.prefill)
-            self._own(t, t.decode)
             log.debug("%s -> prefill %s, decode %s", request_id, t.prefill, t.decode)
-            t.t_reserve = time.monotonic()
-            self._tracks[request_id] = t
-            self._send(t.decode, M.Reserve(request_id, t.prompt, wp, t.prefill), t)
+            self._send(t.decode, M.Reserve(request_id, s.prompt, wp, t.prefill), request_id)
         try:
             while True:
-                item = await t.queue.get()
+                item = await s.queue.get()
                 if isinstance(item, Exception):
-                    t.done = True  # every side is told to let go (idempotent where it did)
-                    self._abort(t)
+                    s.done = True  # every side is told to let go (idempotent where it did)
+                    self._abort(request_id)
                     raise item
                 yield item
                 if item.finished:
-                    t.done = True
+                    s.done = True
                     return
         finally:
-            if not t.done:
-                self._abort(t)
-            self._tracks.pop(request_id, None)
-            for wid in (t.worker, t.prefill, t.decode):
-                if wid in self.workers:
-                    self.workers[wid].requests.discard(request_id)
+            if not s.done:
+                self._abort(request_id)
+            self._streams.pop(request_id, None)
+            self.state.finish(request_id)
 
-    def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:
-        """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
-        tracks = [t for t in self._tracks.values() if not t.done]
-        queued = sum(len(t.prompt) for t in tracks if t.prefill == prefill and not t.prefill_done)
-        # a decode worker's requests: handed over (t.decode) or its own (t.worker); decoding
-        # once their first token is out (for a hand-over, that is its admission)
-        decodes = [DecodeLoad(wid, sum(1 for t in tracks if wid in (t.decode, t.worker) and t.first_token),
-                              sum(len(t.prompt) for t in tracks if t.worker == wid and not t.first_token))
-                   for wid, w in self.workers.items() if w.alive and w.info.role == "decode"]
-        return self.local_prefill.pick(prompt_tokens, queued, decodes)
+    def _fail(self, request_id: str, message: str) -> None:
+        s = self._streams.get(request_id)
+        if s is not None:
+            s.queue.put_nowait(RequestFailed(message))
 
-    def _own(self, t: _Track, wid: str) -> None:
-        self.workers[wid].requests.add(t.request_id)
+    def _abort(self, request_id: str) -> None:
+        for a in self.state.abort_plan(request_id):
+            if a.decode_peer is not None:
+                self._send(a.worker_id, M.Abort(request_id, decode_peer=self.workers[a.decode_peer].peer))
+            else:
+                self._send(a.worker_id, M.Abort(request_id, fenced=a.fenced))
 
-    def _abort(self, t: _Track) -> None:
-        rid = t.request_id
-        if t.worker:
-            self._send(t.worker, M.Abort(rid))
-            return
-        fenced = t.prefill_sent and not t.prefill_done
-        if fenced and t.decode in self.workers:
-            self._send(t.prefill, M.Abort(rid, decode_peer=self.workers[t.decode].peer))
-        if t.decode:
-            self._send(t.decode, M.Abort(rid, fenced=fenced))
-
-    def _send(self, wid: str | None, msg, track: _Track | None = None) -> bool:
-        """Send to a live worker; when that fails and `track` is given, the request fails."""
+    def _send(self, wid: str | None, msg, request_id: str | None = None) -> bool:
+        """Send to a live worker; when that fails and `request_id` is given, the request fails."""
         w = self.workers.get(wid) if wid else None
-        ok = w is not None and w.alive and self._raw_send(wid, msg, track)
-        if not ok and track is not None and not (w is not None and w.alive):
-            track.queue.put_nowait(RequestFailed(f"worker {wid} cannot be reached"))
+        ok = w is not None and w.alive and self._raw_send(wid, msg, request_id)
+        if not ok and request_id is not None and not (w is not None and w.alive):
+            self._fail(request_id, f"worker {wid} cannot be reached")
         return ok
 
     # -- messages from workers ---------------------------------------------------------------
@@ -316,35 +273,27 @@ class Conductor:
         w = self.workers.get(wid)
         if w is None or not w.alive:
             return
-        if isinstance(msg, M.Outputs):
-            for d in msg.items:
-                t = self._tracks.get(d.request_id)
-                # only the worker serving this leg of the request may speak for it
-                if t is not None and wid in (t.worker, t.decode):
-                    t.first_token = True
+        match msg:
+            case M.Outputs():
+                for d in msg.items:
+                    t = self.state.on_output(d.request_id, wid, d.handover is not None)
+                    if t is None:
+                        continue  # only the worker serving this leg may speak for it
                     if d.handover is not None:
                         d.handover.reserve_seconds = t.reserve_seconds
-                        t.prefill_done = True
-                        if t.prefill in self.workers:
-                            # the prefill worker is done with it: its death no longer concerns us
-                            self.workers[t.prefill].requests.discard(t.request_id)
-                    t.queue.put_nowait(d)
-        elif isinstance(msg, M.Failed):
-            t = self._tracks.get(msg.request_id)
-            if t is not None and wid in (t.worker, t.prefill, t.decode):
-                t.queue.put_nowait(RequestFailed(msg.message))
-        elif isinstance(msg, M.Reserved):
-            t = self._tracks.get(msg.request_id)
-            if t is None or t.decode != wid:
-                self._send(wid, M.Abort(msg.request_id))  # nobody will write these blocks
-                return
-            pw = self.workers.get(t.prefill)
-            if t.done or pw is None or not pw.alive:
-                self._send(wid, M.Abort(msg.request_id))
-                return
-            t.prefill_sent = self._send(t.prefill, M.Prefill(
-                msg.request_id, t.prompt, M.Params.of(t.params), w.peer, msg.block_ids), t)
-            t.reserve_seconds = time.monotonic() - t.t_reserve
+                    self._streams[d.request_id].queue.put_nowait(d)
+            case M.Failed():
+                if self.state.speaker(msg.request_id, wid) is not None:
+                    self._fail(msg.request_id, msg.message)
+            case M.Reserved():
+                rid = msg.request_id
+                prefill = self.state.on_reserved(rid, wid, time.monotonic())
+                if prefill is None:
+                    self._send(wid, M.Abort(rid))  # nobody will write these blocks
+                    return
+                s = self._streams[rid]
+                self.state.prefill_sent(rid, self._send(prefill, M.Prefill(
+                    rid, s.prompt, M.Params.of(s.params), w.peer, msg.block_ids), rid))
 
     def _heartbeat(self, hb_ident: str, msg) -> None:
         w = self.workers.get(hb_ident[:-3])
@@ -355,22 +304,22 @@ class Conductor:
             # with stale work, and its lease must not be renewed
             self._raw_send(hb_ident, M.Shutdown())
             return
-        w.last_seen = time.monotonic()
         w.stats = msg.stats
+        self.state.heartbeat(w.info.worker_id, msg.stats.kv_blocks_used, time.monotonic())
         self._raw_send(hb_ident, M.Ping())
 
-    def _raw_send(self, ident: str, msg, track: _Track | None = None) -> bool:
+    def _raw_send(self, ident: str, msg, request_id: str | None = None) -> bool:
         """Send without waiting. zmq.asyncio reports a failed send (ROUTER_MANDATORY: the
         peer is gone) through the returned future, usually already done: report it, and fail
-        `track`'s request when one is given."""
+        the request `request_id` when one is given."""
 
         def check(fut) -> bool:
             e = fut.exception() if not fut.cancelled() else None
             if e is None:
                 return True
             log.warning("could not send %s to %s: %s", type(msg).__name__, ident, e)
-            if track is not None:
-                track.queue.put_nowait(RequestFailed(f"worker {ident} cannot be reached ({e})"))
+            if request_id is not None:
+                self._fail(request_id, f"worker {ident} cannot be reached ({e})")
             return False
 
         try:
@@ -407,7 +356,9 @@ class Conductor:
             return
         if self.reference is None:
             self.reference = msg
-        self.workers[wid] = WorkerHandle(msg, time.monotonic(), proc=self._procs.get(wid))
+            self.state.max_model_len = msg.max_model_len
+        view = self.state.add_worker(wid, msg.role, msg.num_blocks, time.monotonic())
+        self.workers[wid] = WorkerHandle(msg, view, proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks
         self._send(wid, M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2))
         log.info("worker %s (%s, pid %d) registered", wid, msg.role, msg.pid)
@@ -418,13 +369,14 @@ class Conductor:
             await asyncio.sleep(0.1)
             self._reap_unregistered()
             now = time.monotonic()
+            silent = set(self.state.silent(now, self.heartbeat_timeout_s))
             for w in list(self.workers.values()):
                 if not w.alive:
                     continue
                 exited = w.proc is not None and w.proc.poll() is not None
-                if exited or now - w.last_seen > self.heartbeat_timeout_s:
+                if exited or w.info.worker_id in silent:
                     why = (f"exited with code {w.proc.returncode}" if exited else
-                           f"silent for {now - w.last_seen:.1f} s")
+                           f"silent for {now - w.view.last_seen:.1f} s")
                     if not self._stopping:
                         self._worker_died(w, why)
 
@@ -438,14 +390,9 @@ class Conductor:
 
     def _worker_died(self, w: WorkerHandle, why: str) -> None:
         wid = w.info.worker_id
-        w.alive = False
-        if wid not in self.dead:
-            self.dead.append(wid)
         log.error("worker %s (%s) is gone: %s", wid, w.info.role, why)
-        for rid in list(w.requests):
-            t = self._tracks.get(rid)
-            if t is not None:
-                t.queue.put_nowait(RequestFailed(f"{w.info.role} worker {wid} died ({why})"))
+        for rid in self.state.worker_died(wid):
+            self._fail(rid, f"{w.info.role} worker {wid} died ({why})")
         for other in self.workers.values():
             if other.alive:
                 self._send(other.info.worker_id, M.PeerGone(wid))

@@ -1,0 +1,228 @@
+"""The router's decisions, apart from its sockets: which workers serve a request, what each
+worker's message means for it, whom to tell when it ends. Plain Python over plain data — no
+asyncio, no sockets, no clock (`now` is passed in) — so the simulator drives this same class.
+The Conductor (conductor.py) is its I/O shell: it turns messages into these calls and the
+answers into sends.
+
+A request's route:
+    whole  one worker runs all of it: a co-located worker, or a decode worker prefilling it
+           itself (conditional disaggregation, policies.LocalPrefill; also every request when
+           no prefill worker is left)
+    P/D    Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... first output (the decode
+           worker's admission) ─► decode ... last output
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitserve.errors import InvalidRequestError, ServiceUnavailable
+from splitserve.router.policies import DecodeLoad, LeastLoaded, LocalPrefill, WorkerLoad
+
+ROLES = ("colocated", "prefill", "decode")
+
+
+@dataclass
+class WorkerView:
+    """What the router knows of one worker."""
+
+    worker_id: str
+    role: str
+    last_seen: float
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # from its last heartbeat
+    alive: bool = True
+    requests: set[str] = field(default_factory=set)  # in flight there (its legs of them)
+
+
+@dataclass
+class Track:
+    """One request in flight, as the router sees it."""
+
+    request_id: str
+    prompt_len: int
+    worker: str | None = None  # whole: a co-located worker, or a decode worker prefilling it
+    prefill: str | None = None
+    decode: str | None = None
+    prefill_sent: bool = False
+    admitted: bool = False  # P/D: the decode worker has admitted it (the prefill leg is over)
+    first_token: bool = False  # an output arrived
+    t_reserve: float = 0.0
+    reserve_seconds: float = 0.0
+
+    @property
+    def local(self) -> bool:
+        return self.worker is not None and self.prefill is None
+
+
+@dataclass(frozen=True)
+class AbortTo:
+    """Tell `worker_id` to abort the request. `fenced`: a prefill worker may still write the
+    decode worker's blocks (it is told which decode worker, `decode_peer`, and fences there)."""
+
+    worker_id: str
+    fenced: bool = False
+    decode_peer: str | None = None
+
+
+class RouterState:
+    def __init__(self, local_prefill: LocalPrefill | None = None):
+        self.workers: dict[str, WorkerView] = {}
+        self.tracks: dict[str, Track] = {}
+        self.policies = {role: LeastLoaded() for role in ROLES}
+        self.local_prefill = local_prefill
+        self.dead: list[str] = []
+        self.max_model_len: int | None = None  # the deployment's context, once known
+        # when a list: every route chosen, (request id, "whole" | "local" | "pd", worker ids)
+        self.routes: list | None = None
+
+    # -- the registry ----------------------------------------------------------------------
+    def add_worker(self, worker_id: str, role: str, num_blocks: int, now: float) -> WorkerView:
+        w = self.workers[worker_id] = WorkerView(worker_id, role, now, kv_blocks_total=num_blocks)
+        return w
+
+    def heartbeat(self, worker_id: str, kv_blocks_used: int, now: float) -> None:
+        w = self.workers[worker_id]
+        w.last_seen = now
+        w.kv_blocks_used = kv_blocks_used
+
+    def silent(self, now: float, timeout_s: float) -> list[str]:
+        """Live workers not heard from for longer than timeout_s."""
+        return [w.worker_id for w in self.workers.values()
+                if w.alive and now - w.last_seen > timeout_s]
+
+    def worker_died(self, worker_id: str) -> list[str]:
+        """Mark it dead; returns the requests it held (they fail)."""
+        w = self.workers[worker_id]
+        w.alive = False
+        if worker_id not in self.dead:
+            self.dead.append(worker_id)
+        return list(w.requests)
+
+    def live(self, role: str | None = None) -> list[WorkerView]:
+        return [w for w in self.workers.values() if w.alive and (role is None or w.role == role)]
+
+    def is_ready(self) -> bool:
+        """Requests can be served: a co-located worker, or a prefill and a decode worker, live
+        (with local prefill, a decode worker alone: it prefills every request itself)."""
+        live = {w.role for w in self.live()}
+        return "colocated" in live or ("decode" in live and (
+            "prefill" in live or self.local_prefill is not None))
+
+    # -- routing -----------------------------------------------------------------------------
+    def _pick(self, role: str) -> str | None:
+        return self.policies[role].pick([
+            WorkerLoad(w.worker_id, len(w.requests), w.kv_blocks_total - w.kv_blocks_used)
+            for w in self.live(role)])
+
+    def route(self, request_id: str, prompt_len: int, now: float) -> Track:
+        """Choose the request's workers and start tracking it (the caller then sends Generate
+        to track.worker, or Reserve to track.decode naming track.prefill)."""
+        if request_id in self.tracks:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        if not self.is_ready():
+            raise ServiceUnavailable("no worker is ready to serve (starting, or all died)")
+        if self.max_model_len is not None and prompt_len >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {prompt_len} tokens; this model's "
+                                      f"context is {self.max_model_len}")
+        t = Track(request_id, prompt_len)
+        whole = self._pick("colocated")
+        prefill = self._pick("prefill") if whole is None else None
+        if whole is None and self.local_prefill is not None:
+            # no prefill worker left (all died): the decode workers serve whole requests
+            whole = (self._local_prefill_target(prefill, prompt_len) if prefill is not None
+                     else self._pick("decode"))
+        if whole is not None:
+            t.worker = whole
+        else:
+            t.prefill, t.decode = prefill, self._pick("decode")
+            if t.prefill is None or t.decode is None:
+                raise ServiceUnavailable("no prefill+decode pair is alive")
+            t.t_reserve = now
+        for wid in (t.worker, t.prefill, t.decode):
+            if wid is not None:
+                self.workers[wid].requests.add(request_id)
+        self.tracks[request_id] = t
+        if self.routes is not None:
+            kind = "pd" if t.worker is None else (
+                "local" if self.workers[t.worker].role == "decode" else "whole")
+            self.routes.append((request_id, kind, (t.worker,) if t.worker else (t.prefill, t.decode)))
+        return t
+
+    def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:
+        """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
+        tracks = list(self.tracks.values())
+        queued = sum(t.prompt_len for t in tracks if t.prefill == prefill and not t.admitted)
+        # a decode worker's requests: handed over (t.decode) or its own (t.worker); decoding
+        # once their first token is out (for a hand-over, that is its admission)
+        decodes = [DecodeLoad(w.worker_id,
+                              sum(1 for t in tracks if w.worker_id in (t.decode, t.worker) and t.first_token),
+                              sum(t.prompt_len for t in tracks if t.worker == w.worker_id and not t.first_token))
+                   for w in self.live("decode")]
+        return self.local_prefill.pick(prompt_tokens, queued, decodes)
+
+    # -- what workers say ------------------------------------------------------------------
+    def speaker(self, request_id: str, worker_id: str, outputs: bool = False) -> Track | None:
+        """The request's track when `worker_id` may speak for it: outputs only from the
+        worker serving its decoding leg, failures from any of its workers."""
+        t = self.tracks.get(request_id)
+        if t is None:
+            return None
+        legs = (t.worker, t.decode) if outputs else (t.worker, t.prefill, t.decode)
+        return t if worker_id in legs else None
+
+    def on_output(self, request_id: str, worker_id: str, handover: bool) -> Track | None:
+        """An output from worker_id; the track when it counts (None: drop it). `handover`: it
+        is the decode worker's admission of a P/D request, so the prefill leg is over (that
+        worker's death no longer concerns the request)."""
+        t = self.speaker(request_id, worker_id, outputs=True)
+        if t is None:
+            return None
+        t.first_token = True
+        if handover and not t.admitted:
+            t.admitted = True
+            if t.prefill in self.workers:
+                self.workers[t.prefill].requests.discard(request_id)
+        return t
+
+    def on_reserved(self, request_id: str, worker_id: str, now: float) -> str | None:
+        """The decode worker reserved blocks: the prefill worker to send Prefill to, or None
+        when nobody will write them (abort at worker_id)."""
+        t = self.tracks.get(request_id)
+        if t is None or t.decode != worker_id:
+            return None
+        pw = self.workers.get(t.prefill)
+        if pw is None or not pw.alive:
+            return None
+        t.reserve_seconds = now - t.t_reserve
+        return t.prefill
+
+    def prefill_sent(self, request_id: str, ok: bool) -> None:
+        t = self.tracks.get(request_id)
+        if t is not None:
+            t.prefill_sent = ok
+
+    # -- the end of a request --------------------------------------------------------------
+    def abort_plan(self, request_id: str) -> list[AbortTo]:
+        """Whom to tell that the request is over before its end (failed, or the client left)."""
+        t = self.tracks.get(request_id)
+        if t is None:
+            return []
+        if t.worker:
+            return [AbortTo(t.worker)]
+        plan = []
+        fenced = t.prefill_sent and not t.admitted
+        if fenced and t.decode in self.workers:
+            plan.append(AbortTo(t.prefill, decode_peer=t.decode))
+        if t.decode:
+            plan.append(AbortTo(t.decode, fenced=fenced))
+        return plan
+
+    def finish(self, request_id: str) -> None:
+        """Stop tracking the request (finished, failed or aborted)."""
+        t = self.tracks.pop(request_id, None)
+        if t is None:
+            return
+        for wid in (t.worker, t.prefill, t.decode):
+            if wid in self.workers:
+                self.workers[wid].requests.discard(request_id)
