@@ -111,6 +111,7 @@ class Conductor:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping = True  # workers exiting now are no failure to report
+        decision_log.write("router", self.state.routes)
         for w in self.workers.values():
             if w.alive:
                 self._send(w.info.worker_id, M.Shutdown())
@@ -128,7 +129,6 @@ class Conductor:
                 await t
         self.sock.close(linger=0)
         self.ctx.term()
-        decision_log.write("router", self.state.routes)
 
     def attach_process(self, worker_id: str, proc: subprocess.Popen) -> None:
         """A worker this process started: its exit is noticed at once, not by heartbeat."""
