@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefill-first) and llama-server, each started here")
     bench_compare.add_args(bc)
     bc.set_defaults(func=bench_compare.main)
+
+    from splitserve.sim import run as sim_run
+
+    si = sub.add_parser("sim", help="simulate a deployment (the server's own scheduling code on "
+                        "a virtual clock) on any bench workload: same report as bench serve")
+    sim_run.add_args(si)
+    si.set_defaults(func=sim_run.main)
     return p
 
 

@@ -124,7 +124,7 @@ class DistServeLatency(LatencyModel):
             t = a + b * batch.num_prefill_tokens + c * sum(new * (s + new) for new, s in chunks)
             t += decodes
             if self.sim_overheads:
-                t += self.pp * self.pp
+                t += 1.0 * self.pp  # their +1 ms per pipeline stage on each prefill
         else:
             t = a_d + decodes
         if self.sim_overheads:

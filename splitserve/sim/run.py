@@ -1,0 +1,210 @@
+"""`splitserve sim`: a deployment simulated on any workload `bench serve` takes, reported
+through the same code (bench/experiment.py): the same flags, per-request records, tables and
+JSON — only the records come from the simulator instead of a load run.
+
+    splitserve sim --deployment pd --latency-model fitted:profile.json --workload prefill-heavy \
+        --rate 0.5 --num-requests 200
+    splitserve sim --deployment 4:4 --latency-model roofline:h100:llama-3.1-8b:tp1 \
+        --workload mooncake --length-scale 1 --goodput 1,64
+
+A worker's engine settings are serve's (the deployment table in bench/deployments.py adds what
+differs between the compared deployments); its KV pool is --kv-cache-gb of the model's KV
+(the CPU default, as bench compare runs) or, for a GPU latency model, what the GPU's memory
+holds beside the weights. Every probe reports the simulator's own speed on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitserve.bench import experiment as E
+from splitserve.bench.client import LoadResult
+from splitserve.bench.deployments import KV_CACHE_GB, DeploymentSpec, parse_deployment
+from splitserve.bench.workloads import DEFAULT_VOCAB, RequestSpec
+from splitserve.config import SchedulerConfig
+from splitserve.errors import SplitServeError
+from splitserve.sim.kvlink import MODES, KVLink
+from splitserve.sim.latency.base import LatencyModel
+from splitserve.sim.latency.registry import SPEC_SYNTAX, build_latency_model
+from splitserve.sim.models import get_model
+from splitserve.sim.simulation import SimConfig, SimResult, Simulation
+from splitserve.sim.worker import WorkerSpec
+
+
+class SimError(SplitServeError):
+    """A simulated deployment that cannot be built (bad flags, does not fit)."""
+
+
+# Measured on this project's 2-core CPU machine (see BENCHMARKS.md, "Simulator"): the shm
+# hand-over writes ~3.8 GB/s from inside the prefill worker's forward.
+CPU_SHM_GB_S = 3.8
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    local_prefill_chunk: int = 8
+    kv_cache_gb: float = KV_CACHE_GB
+    model_shape: str = "SmolLM2-135M"  # whose KV a latency model without a shape moves
+    max_model_len: int = 8192
+    kv_link: str | None = None  # None: inline on CPU, overlapped on a GPU model
+    kv_bandwidth_gb_s: float | None = None
+    api_ms: float = 0.5
+    hop_ms: float = 0.2
+    data_hop_ms: float = 0.3
+
+    @classmethod
+    def of(cls, a) -> SimSettings:
+        return cls(a.block_size, a.max_num_seqs, a.local_prefill_chunk, a.kv_cache_gb,
+                   a.model_shape, a.max_model_len, a.kv_link, a.kv_bandwidth, a.api_latency_ms,
+                   a.hop_latency_ms, a.data_hop_latency_ms)
+
+
+def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> list[WorkerSpec]:
+    """One WorkerSpec per worker of `dep`, with the engine settings serve gives it."""
+    gpu_model = latency.gpu is not None and hasattr(latency, "kv_capacity_tokens")
+    if gpu_model:
+        try:
+            tokens = latency.kv_capacity_tokens()
+        except ValueError as e:
+            raise SimError(f"deployment {dep.name!r}: {e}") from None
+        num_blocks = tokens // s.block_size
+        max_len = min(s.max_model_len, latency.model.max_context)
+    else:
+        model = _shape(latency, s)
+        per_block = s.block_size * model.kv_bytes_per_token(2)
+        num_blocks = int(s.kv_cache_gb * 2**30 // per_block)
+        max_len = min(s.max_model_len, model.max_context)
+    if num_blocks < 1:
+        raise SimError(f"deployment {dep.name!r}: a worker's KV pool holds no block of "
+                       f"{s.block_size} tokens")
+    workers = []
+    for role in dep.roles:
+        cfg = SchedulerConfig(
+            max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
+            chunked_prefill=dep.chunked_prefill, role=role,
+            prefill_chunk_while_decoding=s.local_prefill_chunk if role == "decode" else None)
+        workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len))
+    return workers
+
+
+def _shape(latency: LatencyModel, s: SimSettings):
+    if latency.model is not None:
+        return latency.model
+    try:
+        return get_model(s.model_shape)
+    except ValueError as e:
+        raise SimError(str(e)) from None
+
+
+def build_link(latency: LatencyModel, s: SimSettings) -> KVLink:
+    """The KV hand-over's cost: a GPU model's network (each of the tp GPUs its own NIC), or
+    the CPU's in-process shared-memory copy."""
+    model = _shape(latency, s)
+    if latency.gpu is not None:
+        mode = s.kv_link or "overlapped"
+        bw = (s.kv_bandwidth_gb_s or latency.gpu.network_gb_s * latency.tp) * 1e9
+    else:
+        mode = s.kv_link or "inline"
+        bw = (s.kv_bandwidth_gb_s or CPU_SHM_GB_S) * 1e9
+    return KVLink(model.kv_bytes_per_token(2), bw, mode, model.num_layers)
+
+
+def prompt_tokens(specs: list[RequestSpec], seed: int = 0) -> list[list[int]]:
+    """Token ids per spec: its own, or (a text prompt, e.g. HumanEval) random ids of its
+    length: the simulator only needs lengths and which blocks repeat."""
+    rng = np.random.default_rng([seed, 7])
+    return [s.prompt if not isinstance(s.prompt, str) else
+            rng.integers(DEFAULT_VOCAB[0], DEFAULT_VOCAB[1], s.input_len).tolist() for s in specs]
+
+
+class Simulator:
+    """The run function bench/experiment.py calls: every call simulates one run afresh."""
+
+    def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
+                 record: bool = False, quiet: bool = False):
+        self.dep, self.latency, self.settings = dep, latency, s
+        self.workers = build_workers(dep, latency, s)
+        self.config = SimConfig(build_link(latency, s), api_s=s.api_ms / 1e3, hop_s=s.hop_ms / 1e3,
+                                data_hop_s=s.data_hop_ms / 1e3, local_prefill=dep.local_prefill,
+                                record=record)
+        self.quiet = quiet
+        self.last: SimResult | None = None
+        self.wall_s = 0.0  # the simulator's own time, every run so far
+        self.events = 0
+
+    def __call__(self, specs: list[RequestSpec]) -> LoadResult:
+        sim = Simulation(self.workers, self.latency, self.config)
+        t0 = time.perf_counter()
+        res = sim.run(specs, prompt_tokens(specs))
+        wall = time.perf_counter() - t0
+        self.last, self.wall_s, self.events = res, self.wall_s + wall, self.events + res.events
+        if not self.quiet:
+            print(f"[sim] {len(specs)} requests, {res.events} events in {wall:.2f} s "
+                  f"({res.events / max(wall, 1e-9):,.0f} events/s); {res.makespan_s:.1f} s "
+                  "simulated", file=sys.stderr)
+        return LoadResult(res.records, wall_s=res.makespan_s, client_cpu_s=0.0)
+
+    @property
+    def cores(self) -> int:
+        """The hardware the deployment uses: a worker per core on CPU, tp·pp GPUs each."""
+        return len(self.workers) * (self.latency.tp * self.latency.pp)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deployment", default="pd",
+                   help="pd, pd-pure, chunked, prefill-first (as bench compare runs them), "
+                        "colocated:N, P:D or P:D:pure")
+    p.add_argument("--latency-model", required=True, metavar="SPEC", help=SPEC_SYNTAX)
+    E.add_workload_args(p)
+    E.add_experiment_args(p)
+    g = p.add_argument_group("the simulated deployment")
+    g.add_argument("--chunk", type=E.positive(int), default=256,
+                   help="the co-located engines' token budget (as bench compare)")
+    g.add_argument("--max-num-seqs", type=E.positive(int), default=64)
+    g.add_argument("--block-size", type=E.positive(int), default=16)
+    g.add_argument("--local-prefill-chunk", type=E.positive(int), default=8)
+    g.add_argument("--kv-cache-gb", type=E.positive(float), default=KV_CACHE_GB,
+                   help="each worker's KV pool when the latency model knows no GPU")
+    g.add_argument("--model-shape", default="SmolLM2-135M",
+                   help="the model whose KV is pooled and handed over, for latency models "
+                        "without one (fitted, constant)")
+    g.add_argument("--kv-link", choices=MODES, default=None,
+                   help="how the hand-over's bytes cost time (default: inline on CPU, "
+                        "overlapped for a GPU model); see sim/kvlink.py")
+    g.add_argument("--kv-bandwidth", type=E.positive(float), default=None, metavar="GB/S",
+                   help=f"default: {CPU_SHM_GB_S} (CPU shm), the GPU's network x tp")
+    g.add_argument("--api-latency-ms", type=float, default=SimSettings.api_ms,
+                   help="client <-> router, one way")
+    g.add_argument("--hop-latency-ms", type=float, default=SimSettings.hop_ms,
+                   help="router <-> worker, one way")
+    g.add_argument("--data-hop-latency-ms", type=float, default=SimSettings.data_hop_ms,
+                   help="prefill -> decode notices")
+
+
+def main(a) -> int:
+    try:
+        dep = parse_deployment(a.deployment, a.chunk, a.max_input)
+        latency = build_latency_model(a.latency_model)
+    except ValueError as e:
+        raise SimError(str(e)) from None
+    sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet)
+    print(f"simulating {dep.name} ({', '.join(dep.roles)}) with {latency.describe()}",
+          file=sys.stderr)
+    out = E.run_experiment(a, sim, a.cores or sim.cores,
+                           {"source": "simulated", "deployment": dep.name,
+                            "latency_model": a.latency_model})
+    print(f"\nsimulator: {sim.events:,} events in {sim.wall_s:.2f} s "
+          f"({sim.events / max(sim.wall_s, 1e-9):,.0f} events/s)", file=sys.stderr)
+    if a.json:  # the simulator's own cost beside the results
+        out |= {"sim_events": sim.events, "sim_wall_s": sim.wall_s}
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
