@@ -70,6 +70,21 @@ def test_fit_ignores_the_odd_slow_step_and_stays_non_negative():
     assert min(fit(samples).coef) >= 0.0
 
 
+def test_a_step_that_lost_its_core_counts_its_cpu_time():
+    """On a shared machine every repeat of a point may wait for its core: those steps (CPU
+    time below 90 % of wall time) are fitted at their CPU time."""
+    truth = FittedLatency(TRUE)
+    samples = []
+    for i, b in enumerate(grid_batches()):
+        t = truth.step_time(b)
+        for _ in range(3):
+            samples.append(Sample(b, 2 * t, f"p{i}", cpu_seconds=t) if i % 2 else
+                           Sample(b, t, f"p{i}", cpu_seconds=0.97 * t))
+    assert samples[3].contended and not samples[0].contended
+    for f, v in fit(samples).coefficients.items():
+        assert v == pytest.approx(TRUE[f], rel=1e-6), f
+
+
 def test_json_round_trip_gives_identical_step_times(tmp_path):
     model = fit(synthetic(noise=0.01), source="synthetic", info="known coefficients")
     again = FittedLatency.from_json(json.loads(json.dumps(model.to_json())))

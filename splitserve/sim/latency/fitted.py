@@ -54,16 +54,28 @@ def kind_of(batch: Batch) -> str:
     return "mixed" if batch.prefill_tokens else "decode"
 
 
+CONTENDED = 0.9  # a step that had its core for less of its wall time than this lost it
+
+
 @dataclass(frozen=True)
 class Sample:
     """One timed engine step. Samples with the same `point` are repeats of one grid point.
-    `cpu_seconds`: the process's CPU time over the step (below `seconds` x threads when the
-    core was taken away: the step time is then inflated)."""
+    `cpu_seconds`: the CPU time of a one-thread CPU step (None elsewhere)."""
 
     batch: Batch
     seconds: float
     point: str = ""
     cpu_seconds: float | None = None
+
+    @property
+    def contended(self) -> bool:
+        return self.cpu_seconds is not None and self.cpu_seconds < CONTENDED * self.seconds
+
+    @property
+    def own_core_seconds(self) -> float:
+        """The step's time on a core of its own: its wall time, unless other processes took
+        the core for part of it (a shared machine), then the CPU time it actually ran."""
+        return self.cpu_seconds if self.contended else self.seconds
 
     def to_json(self) -> dict:
         b = self.batch
@@ -85,9 +97,9 @@ class Sample:
 
 @dataclass(frozen=True)
 class Point:
-    """A grid point: its repeats' median time (robust to the odd slow step: a context switch,
-    a GC pause) against the mean of their features (repeats of a decode point differ by one
-    token of context per step)."""
+    """A grid point: its repeats' median `own_core_seconds` (robust to the odd slow step: a
+    GC pause, a page fault storm) against the mean of their features (repeats of a decode
+    point differ by one token of context per step)."""
 
     label: str
     kind: str
@@ -106,8 +118,8 @@ def points(samples: Iterable[Sample]) -> list[Point]:
     out = []
     for (label, kind), group in groups.items():
         xs = np.array([features(s.batch) for s in group])
-        out.append(Point(label, kind, tuple(xs.mean(axis=0)), statistics.median(s.seconds for s in group),
-                         len(group)))
+        out.append(Point(label, kind, tuple(xs.mean(axis=0)),
+                         statistics.median(s.own_core_seconds for s in group), len(group)))
     return out
 
 
