@@ -103,7 +103,8 @@ def add_args(p) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="KV pool; decode points that do not fit are skipped")
     p.add_argument("--quick", action="store_true", help="a small grid (tests, CI): seconds on a tiny model")
-    p.add_argument("--repeats", type=int, default=None, help="runs per grid point (default: the grid's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs per grid point, timed steps per decode point (default: the grid's, 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
                    help="write the profile JSON here (default bench-results/profile.json; with "
@@ -196,9 +197,11 @@ class Profiler:
         if not batch.is_empty:
             self.samples.append(Sample(batch, seconds, point, cpu if self._cpu_time else None))
 
-    def _fits(self, seqs: int, tokens: int) -> bool:
-        blocks = seqs * -(-(tokens + 1) // self.bs)
-        return tokens < self.max_len and blocks <= self.engine.kv_manager.pool.num_blocks - 8
+    def _fits(self, *seqs: tuple[int, int]) -> bool:
+        """Room for these (count, tokens) sequences at once, each within the context."""
+        blocks = sum(k * -(-(n + 1) // self.bs) for k, n in seqs)
+        return (all(n < self.max_len for _, n in seqs)
+                and blocks <= self.engine.kv_manager.pool.num_blocks - 8)
 
     # scenarios ---------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -212,7 +215,7 @@ class Profiler:
 
     def prefill(self, cached: int, n: int, repeats: int) -> None:
         """A lone prompt: every chunk the budget cuts it into is a sample."""
-        if not self._fits(1, cached + n + 1):
+        if not self._fits((1, cached + n + 1)):
             return
         for _ in range(repeats):
             self._prompt(cached, n)
@@ -223,7 +226,7 @@ class Profiler:
 
     def decode(self, batch: int, ctx: int, g: Grid) -> None:
         n = g.warmup + g.decode_steps
-        if not self._fits(batch, ctx + n + 2):
+        if not self._fits((batch, ctx + n + 2)):
             return
         ids = [self._at_context(ctx, n + 2) for _ in range(batch)]
         for i in range(n):
@@ -234,7 +237,7 @@ class Profiler:
 
     def mixed(self, batch: int, ctx: int, cached: int, chunks, g: Grid) -> None:
         steps = g.warmup + len(chunks) * g.repeats
-        if not (self._fits(batch, ctx + steps + 2) and self._fits(batch + 1, cached + max(chunks) + 1)):
+        if not self._fits((batch, ctx + steps + 2), (1, cached + max(chunks) + 1)):
             return
         ids = [self._at_context(ctx, steps + 2) for _ in range(batch)]
         for _ in range(g.warmup):
@@ -272,21 +275,34 @@ class Profiler:
 
 
 # -- the command ------------------------------------------------------------------------------
-def cpu_model() -> str:
+# the flags that decide the CPU kernels' speed (bf16 dot products, AMX tiles)
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict:
+    """Model name, family/model numbers and kernel-relevant flags from /proc/cpuinfo (a VM's
+    model name can be as vague as "AMD EPYC": the family and flags tell Zen 3 from Zen 4)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key:
+                    break  # the first processor's block is enough
+                fields[key] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
+            "cpu_flags": [f for f in _FLAGS if f in flags]}
 
 
 def machine_info(engine, cores) -> dict:
     import torch
 
-    info = {"cpu": cpu_model(), "cores": sorted(cores) if cores else None,
+    info = cpu_info() | {"cores": sorted(cores) if cores else None,
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": str(engine.device), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
