@@ -387,7 +387,6 @@ def measure(a, log=print) -> tuple[dict, list[Sample]]:
                "machine": machine_info(engine, cores), "engine": engine_settings(engine),
                "settings": {"quick": a.quick, "grid": asdict(g), "seed": a.seed, "load_seconds": t_load,
                             "measure_seconds": time.perf_counter() - t0 - t_load},
-               "cpu_share": cpu_share(samples),
                "samples": [s.to_json() for s in samples]}
     finally:
         os.sched_setaffinity(0, before[0])
@@ -396,10 +395,12 @@ def measure(a, log=print) -> tuple[dict, list[Sample]]:
 
 
 def attach_fit(doc: dict, samples: list[Sample], source: str) -> FittedLatency:
-    """Fit the samples, store the model and its report in doc["fit"]."""
+    """Fit the samples; store the model and its report in doc["fit"], how much of the time
+    the steps had their core in doc["cpu_share"]."""
     model = fit(samples, source, describe_profile(doc))
-    doc["fit"] = model.to_json() | {"method": "nnls on each point's median time, rows weighted by "
-                                              "1/time (relative error)",
+    doc["cpu_share"] = cpu_share(samples)
+    doc["fit"] = model.to_json() | {"method": "nnls on each point's median own-core time, rows "
+                                              "weighted by 1/time (relative error)",
                                     "report": fit_report(model, samples)}
     return model
 
@@ -420,9 +421,10 @@ def main(a) -> int:
     print(f"{len(samples)} samples: {describe_profile(doc)}")
     share = doc.get("cpu_share") or {}
     if share:
-        print(f"CPU share of the steps' wall time: median {share['median']:.0%}, p10 {share['p10']:.0%}; "
-              f"{share['contended_samples']} of {len(samples)} steps lost their core part of the time "
-              f"(below {CONTENDED:.0%}): the fit takes their CPU time instead of their wall time")
+        lost = share["contended_samples"]
+        print(f"CPU share of the steps' wall time: median {share['median']:.0%}, p10 {share['p10']:.0%}"
+              + (f"; {lost} of {len(samples)} steps lost their core part of the time (below "
+                 f"{CONTENDED:.0%}): fitted at their CPU time instead" if lost else ""))
     print(format_report(model, doc["fit"]["report"]))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
