@@ -77,7 +77,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "prefilled")
+        return self._finished  # set below for every member (a hot path of the scheduler)
+
+
+for _s in RequestStatus:
+    _s._finished = _s.value in ("stop", "length", "abort", "prefilled")
 
 
 @dataclass

@@ -9,6 +9,11 @@ Every block is in exactly one of three states:
 so  free + cached + in use == num_blocks.  The free queue is ordered by eviction priority
 (front = evicted first); a cached block is evicted (its hash forgotten) only when it is popped
 for a new allocation. Removal from the middle of the queue (a cache hit on a free block) is O(1).
+
+Blocks never used yet are the queue's front, in id order (nothing is ever put before them, and
+they are popped first), so they are kept as a count, not as objects: a block's KVBlock is made
+when it is first allocated. A pool of a GPU's 10^5 blocks costs nothing until used (the
+simulator builds thousands of pools).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.blocks: list[KVBlock] = []  # blocks [0, len) were used at least once
+        # used blocks that are free or cached, in eviction order (after the never-used ones)
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
 
@@ -49,7 +55,7 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take now: free plus cached (evictable)."""
-        return len(self._free)
+        return self.num_blocks - len(self.blocks) + len(self._free)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -59,9 +65,9 @@ class BlockPool:
         cached = self.num_cached_blocks
         return {
             "total": self.num_blocks,
-            "in_use": self.num_blocks - len(self._free),
+            "in_use": self.num_blocks - self.num_free_blocks,
             "cached": cached,
-            "free": len(self._free) - cached,
+            "free": self.num_free_blocks - cached,
         }
 
     def lookup(self, block_hash: bytes) -> KVBlock | None:
@@ -76,10 +82,16 @@ class BlockPool:
             b.ref_cnt += 1
 
     def allocate(self, n: int) -> list[KVBlock]:
-        if n > len(self._free):
-            raise NoFreeBlocksError(f"need {n} KV blocks, {len(self._free)} free")
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(f"need {n} KV blocks, {self.num_free_blocks} free")
         out = []
-        for _ in range(n):
+        fresh = min(n, self.num_blocks - len(self.blocks))
+        for _ in range(fresh):  # the queue's front: never used, no hash to forget
+            b = KVBlock(len(self.blocks))
+            self.blocks.append(b)
+            b.ref_cnt = 1
+            out.append(b)
+        for _ in range(n - fresh):
             block_id, _ = self._free.popitem(last=False)
             b = self.blocks[block_id]
             if b.block_hash is not None:
@@ -131,5 +143,6 @@ class BlockPool:
             if b.block_hash is not None:
                 assert self._cached.get(b.block_hash) is b, f"{b}: hash map mismatch"
         assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
+        assert [b.block_id for b in self.blocks] == list(range(len(self.blocks)))
         u = self.usage()
         assert u["free"] + u["cached"] + u["in_use"] == u["total"], u

@@ -34,8 +34,18 @@ def extend_block_hashes(
     """Append to `hashes` (the chain of `tokens`' first len(hashes) blocks) the hashes of the
     remaining full blocks of `tokens`; returns `hashes`."""
     parent = hashes[-1] if hashes else root
-    for start in range(len(hashes) * block_size, len(tokens) - block_size + 1, block_size):
-        parent = hash_block(parent, tokens[start : start + block_size])
+    start = len(hashes) * block_size
+    end = start + (len(tokens) - start) // block_size * block_size
+    if end <= start:
+        return hashes
+    # one pack for every new block (hash_block's bytes, block by block)
+    buf = memoryview(struct.pack(f"<{end - start}I", *tokens[start:end]))
+    step = 4 * block_size
+    blake2b = hashlib.blake2b
+    for i in range(0, len(buf), step):
+        h = blake2b(parent, digest_size=DIGEST_SIZE)
+        h.update(buf[i : i + step])
+        parent = h.digest()
         hashes.append(parent)
     return hashes
 

@@ -68,9 +68,11 @@ class KVCacheManager:
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
         """Make req hold blocks for num_computed_tokens + |computed|*B + num_new_tokens tokens.
         Returns False (changing nothing) when there are not enough free blocks."""
+        need = self.num_blocks_needed(req, num_new_tokens, computed)
+        if not computed and need == 0:
+            return True  # most decode steps: the last block has room
         if not self.can_allocate(req, num_new_tokens, computed):
             return False
-        need = self.num_blocks_needed(req, num_new_tokens, computed)
         blocks = self.req_blocks.setdefault(req.request_id, [])
         if computed:
             self.pool.touch(computed)
