@@ -50,3 +50,43 @@ def test_local_prefill_goes_where_less_work_is_ahead_of_the_prompt():
     assert p.pick(500, 600, [decoding]) == "d0"  # 2 x 500 < 600 + 500
     busy_own = DecodeLoad("d1", 0, 800)  # idle but already prefilling 800 tokens of its own
     assert p.pick(500, 700, [busy_own]) is None and p.pick(500, 900, [busy_own]) == "d1"
+
+
+def test_router_loads_follow_requests_through_every_path():
+    """The loads LocalPrefill weighs are counters kept as requests move; after every event of
+    a random mix of local, P/D, finished, failed and aborted requests they must equal what
+    the requests in flight add up to (check_loads recomputes them)."""
+    import random
+
+    from splitserve.router.policies import LocalPrefill
+    from splitserve.router.state import RouterState
+
+    rng = random.Random(0)
+    s = RouterState(LocalPrefill(max_decoding=1))
+    for wid, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+        s.add_worker(wid, role, 100, 0.0)
+    live, kinds = [], set()
+    for i in range(400):
+        op = rng.random()
+        if op < 0.4 or not live:
+            t = s.route(f"r{i}", rng.randrange(1, 900), 0.0)
+            kinds.add("local" if t.worker else "pd")
+            live.append(t.request_id)
+        else:
+            rid = rng.choice(live)
+            t = s.tracks[rid]
+            leg = t.worker or t.decode
+            if op < 0.75:
+                if t.decode and not t.admitted and s.on_reserved(rid, t.decode, 0.0):
+                    s.prefill_sent(rid, True)
+                s.on_output(rid, leg, handover=t.decode is not None)
+            else:  # finished, failed or aborted: the same end for the router's books
+                s.finish(rid)
+                live.remove(rid)
+        s.check_loads()
+    assert kinds == {"local", "pd"}
+    for rid in live:
+        s.finish(rid)
+    s.check_loads()
+    assert all((w.queued_prompt_tokens, w.prefill_tokens, w.decoding) == (0, 0, 0)
+               for w in s.workers.values())

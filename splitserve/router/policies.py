@@ -1,13 +1,15 @@
 """Which worker gets a request. Plain Python over plain data (no sockets, no clock): the
-simulator will call these same functions."""
+simulator calls these same functions. They read a worker's load by attribute: WorkerLoad and
+DecodeLoad are its shape (the router passes its own views of the workers, which have these
+attributes, so a route costs no object per worker)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class WorkerLoad:
+class WorkerLoad(NamedTuple):  # tuples: one per live worker per route, at any scale
     worker_id: str
     outstanding: int  # requests the router has sent it that are not finished
     kv_free_blocks: int  # from its last heartbeat
@@ -19,7 +21,7 @@ class LeastLoaded:
     def __init__(self):
         self._turn = 0
 
-    def pick(self, workers: list[WorkerLoad]) -> str | None:
+    def pick(self, workers: Sequence[WorkerLoad]) -> str | None:
         if not workers:
             return None
         least = min(w.outstanding for w in workers)
@@ -28,8 +30,7 @@ class LeastLoaded:
         return tied[self._turn % len(tied)]
 
 
-@dataclass(frozen=True)
-class DecodeLoad:
+class DecodeLoad(NamedTuple):
     worker_id: str
     decoding: int  # requests past their first token there (handed over, or its own)
     prefill_tokens: int  # prompt tokens of its own prefills not done yet
@@ -56,13 +57,14 @@ class LocalPrefill:
         self.max_decoding = max_decoding
 
     def pick(self, prompt_tokens: int, prefill_queued_tokens: int,
-             decodes: list[DecodeLoad]) -> str | None:
+             decodes: Sequence[DecodeLoad]) -> str | None:
         """The decode worker to prefill on, or None to prefill on the prefill worker."""
-        best, best_cost = None, prefill_queued_tokens + prompt_tokens
-        for d in sorted(decodes, key=lambda d: (d.decoding, d.prefill_tokens, d.worker_id)):
-            if d.decoding > self.max_decoding:
-                continue
-            cost = (d.prefill_tokens + prompt_tokens) * (self.busy_slowdown if d.decoding else 1.0)
-            if cost < best_cost:
-                best, best_cost = d.worker_id, cost
-        return best
+        def cost(d: DecodeLoad) -> float:
+            return (d.prefill_tokens + prompt_tokens) * (self.busy_slowdown if d.decoding else 1.0)
+
+        # the cheapest; among equals the least busy, then by name
+        candidates = [d for d in decodes if d.decoding <= self.max_decoding]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda d: (cost(d), d.decoding, d.prefill_tokens, d.worker_id))
+        return best.worker_id if cost(best) < prefill_queued_tokens + prompt_tokens else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.errors import InvalidRequestError, ServiceUnavailable
-from splitserve.router.policies import DecodeLoad, LeastLoaded, LocalPrefill, WorkerLoad
+from splitserve.router.policies import LeastLoaded, LocalPrefill
 
 ROLES = ("colocated", "prefill", "decode")
 
@@ -33,6 +33,20 @@ class WorkerView:
     kv_blocks_used: int = 0  # from its last heartbeat
     alive: bool = True
     requests: set[str] = field(default_factory=set)  # in flight there (its legs of them)
+    # the loads LocalPrefill weighs, kept as requests move (a pass over every request in
+    # flight per route would make routing quadratic in the deployment's size)
+    queued_prompt_tokens: int = 0  # prefill: P/D prompts sent here, not yet admitted at decode
+    prefill_tokens: int = 0  # whole requests' prompts here before their first token
+    decoding: int = 0  # requests past their first token here (handed over, or its own)
+
+    # what the policies read (policies.WorkerLoad and DecodeLoad are the same shapes)
+    @property
+    def outstanding(self) -> int:
+        return len(self.requests)
+
+    @property
+    def kv_free_blocks(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_used
 
 
 @dataclass
@@ -68,6 +82,7 @@ class AbortTo:
 class RouterState:
     def __init__(self, local_prefill: LocalPrefill | None = None):
         self.workers: dict[str, WorkerView] = {}
+        self._by_role: dict[str, list[WorkerView]] = {role: [] for role in ROLES}
         self.tracks: dict[str, Track] = {}
         self.policies = {role: LeastLoaded() for role in ROLES}
         self.local_prefill = local_prefill
@@ -78,7 +93,11 @@ class RouterState:
 
     # -- the registry ----------------------------------------------------------------------
     def add_worker(self, worker_id: str, role: str, num_blocks: int, now: float) -> WorkerView:
+        old = self.workers.get(worker_id)
+        if old is not None:  # a worker re-registering under its old id after it died
+            self._by_role[old.role].remove(old)
         w = self.workers[worker_id] = WorkerView(worker_id, role, now, kv_blocks_total=num_blocks)
+        self._by_role[role].append(w)
         return w
 
     def heartbeat(self, worker_id: str, kv_blocks_used: int, now: float) -> None:
@@ -100,7 +119,8 @@ class RouterState:
         return list(w.requests)
 
     def live(self, role: str | None = None) -> list[WorkerView]:
-        return [w for w in self.workers.values() if w.alive and (role is None or w.role == role)]
+        pool = self.workers.values() if role is None else self._by_role[role]
+        return [w for w in pool if w.alive]
 
     def is_ready(self) -> bool:
         """Requests can be served: a co-located worker, or a prefill and a decode worker, live
@@ -111,9 +131,8 @@ class RouterState:
 
     # -- routing -----------------------------------------------------------------------------
     def _pick(self, role: str) -> str | None:
-        return self.policies[role].pick([
-            WorkerLoad(w.worker_id, len(w.requests), w.kv_blocks_total - w.kv_blocks_used)
-            for w in self.live(role)])
+        # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
+        return self.policies[role].pick(self.live(role))
 
     def route(self, request_id: str, prompt_len: int, now: float) -> Track:
         """Choose the request's workers and start tracking it (the caller then sends Generate
@@ -142,6 +161,10 @@ class RouterState:
         for wid in (t.worker, t.prefill, t.decode):
             if wid is not None:
                 self.workers[wid].requests.add(request_id)
+        if t.worker is not None:
+            self.workers[t.worker].prefill_tokens += prompt_len
+        else:
+            self.workers[t.prefill].queued_prompt_tokens += prompt_len
         self.tracks[request_id] = t
         if self.routes is not None:
             kind = "pd" if t.worker is None else (
@@ -151,15 +174,8 @@ class RouterState:
 
     def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:
         """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
-        tracks = list(self.tracks.values())
-        queued = sum(t.prompt_len for t in tracks if t.prefill == prefill and not t.admitted)
-        # a decode worker's requests: handed over (t.decode) or its own (t.worker); decoding
-        # once their first token is out (for a hand-over, that is its admission)
-        decodes = [DecodeLoad(w.worker_id,
-                              sum(1 for t in tracks if w.worker_id in (t.decode, t.worker) and t.first_token),
-                              sum(t.prompt_len for t in tracks if t.worker == w.worker_id and not t.first_token))
-                   for w in self.live("decode")]
-        return self.local_prefill.pick(prompt_tokens, queued, decodes)
+        return self.local_prefill.pick(prompt_tokens, self.workers[prefill].queued_prompt_tokens,
+                                       self.live("decode"))
 
     # -- what workers say ------------------------------------------------------------------
     def speaker(self, request_id: str, worker_id: str, outputs: bool = False) -> Track | None:
@@ -178,11 +194,18 @@ class RouterState:
         t = self.speaker(request_id, worker_id, outputs=True)
         if t is None:
             return None
-        t.first_token = True
+        if not t.first_token:
+            t.first_token = True
+            w = self.workers[worker_id]
+            w.decoding += 1
+            if t.worker is not None:
+                w.prefill_tokens -= t.prompt_len
         if handover and not t.admitted:
             t.admitted = True
             if t.prefill in self.workers:
-                self.workers[t.prefill].requests.discard(request_id)
+                p = self.workers[t.prefill]
+                p.requests.discard(request_id)
+                p.queued_prompt_tokens -= t.prompt_len
         return t
 
     def on_reserved(self, request_id: str, worker_id: str, now: float) -> str | None:
@@ -226,3 +249,22 @@ class RouterState:
         for wid in (t.worker, t.prefill, t.decode):
             if wid in self.workers:
                 self.workers[wid].requests.discard(request_id)
+        if t.first_token:
+            self.workers[t.worker or t.decode].decoding -= 1
+        elif t.worker is not None:
+            self.workers[t.worker].prefill_tokens -= t.prompt_len
+        if t.prefill is not None and not t.admitted:
+            self.workers[t.prefill].queued_prompt_tokens -= t.prompt_len
+
+    def check_loads(self) -> None:
+        """Raise AssertionError unless every worker's load counters equal what its requests
+        in flight add up to (the definitions the counters are kept by)."""
+        tracks = list(self.tracks.values())
+        for w in self.workers.values():
+            wid = w.worker_id
+            queued = sum(t.prompt_len for t in tracks if t.prefill == wid and not t.admitted)
+            own = sum(t.prompt_len for t in tracks if t.worker == wid and not t.first_token)
+            decoding = sum(1 for t in tracks if wid in (t.decode, t.worker) and t.first_token)
+            assert (w.queued_prompt_tokens, w.prefill_tokens, w.decoding) == (
+                queued, own, decoding), f"{wid}: loads {w} vs {queued}, {own}, {decoding}"
+
