@@ -77,9 +77,13 @@ GPUS: dict[str, GPUSpec] = {
 
 
 def get_gpu(name: str) -> GPUSpec:
-    """A GPU by name, case-insensitive ("a100-80gb", "H200")."""
+    """A GPU by name, case-insensitive ("a100-80gb", "H200"), or by its family alone when
+    the table has one of it ("a100", "h100")."""
     key = name.strip().lower()
     for gpu in GPUS.values():
         if gpu.name.lower() == key:
             return gpu
+    family = [g for g in GPUS.values() if g.name.lower().split("-")[0] == key]
+    if len(family) == 1:
+        return family[0]
     raise ValueError(f"unknown GPU {name!r}; known GPUs: {', '.join(GPUS)}")

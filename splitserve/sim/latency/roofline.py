@@ -83,49 +83,49 @@ class RooflineLatency(LatencyModel):
         self.gpus_per_node = gpus_per_node
         self.reserve_fraction = reserve_fraction
         self.kv_capacity_tokens()  # a layout whose weights do not fit is refused here
+        # per-step constants (cost() runs once per simulated step)
+        m, g = self.model, self.gpu
+        self._flops_s, self._bytes_s = g.flops_s, g.hbm_bytes_s
+        self._linear_flops = m.linear_flops_per_token / tp  # per new token
+        self._linear_bytes = m.num_layers * m.layer_matmul_params * dtype_bytes / tp
+        self._attention_flops = 4 * m.q_size * m.num_layers / tp  # per attended pair
+        self._kv_token_bytes = kv_bytes_per_token_per_gpu(m, tp, 1, dtype_bytes)
+        self._lm_flops = m.lm_head_flops_per_token / tp  # per sampling row
+        self._lm_bytes = m.lm_head_params * dtype_bytes / tp
+        self._activation_bytes = m.hidden_size * dtype_bytes  # per new token
+        self._allreduce_link = self._link(tp > gpus_per_node)
+        # Hop k goes from stage k-1 to stage k, whose first GPU is number k·tp: a hop whose
+        # receiver starts a node crosses the network.
+        self._hop_links = [self._link(k * tp % gpus_per_node == 0) for k in range(1, pp)]
 
     def _op(self, flops: float, nbytes: float) -> float:
-        return max(flops / self.gpu.flops_s, nbytes / self.gpu.hbm_bytes_s)
+        return max(flops / self._flops_s, nbytes / self._bytes_s)
 
     def _link(self, crosses_nodes: bool) -> float:
         return self.gpu.network_bytes_s if crosses_nodes else self.gpu.link_bytes_s
 
     def cost(self, batch: Batch) -> StepCost:
-        m, tp, dt = self.model, self.tp, self.dtype_bytes
-        new_tokens = batch.num_tokens
-        chunks = list(zip(batch.prefill_tokens, batch.prefill_context))
+        tp = self.tp
+        pt, pc, dc = batch.prefill_tokens, batch.prefill_context, batch.decode_context
+        new_tokens = sum(pt) + len(dc)
+        linear = self._op(new_tokens * self._linear_flops, self._linear_bytes)
 
-        linear = self._op(
-            new_tokens * m.linear_flops_per_token / tp,
-            m.num_layers * m.layer_matmul_params * dt / tp,
-        )
+        decode_attended = sum(dc) + len(dc)  # Σ (ctx + 1)
+        pairs = sum(attended_pairs(n, s) for n, s in zip(pt, pc)) + decode_attended
+        kv_read = sum(pc) + sum(pt) + decode_attended
+        attention = self._op(self._attention_flops * pairs,
+                             self._kv_token_bytes * (kv_read + new_tokens))
 
-        pairs = sum(attended_pairs(n, s) for n, s in chunks)
-        pairs += sum(ctx + 1 for ctx in batch.decode_context)
-        kv_read = sum(s + n for n, s in chunks) + sum(ctx + 1 for ctx in batch.decode_context)
-        kv_token_bytes = kv_bytes_per_token_per_gpu(m, tp, 1, dt)
-        attention = self._op(
-            4 * m.q_size * m.num_layers * pairs / tp,
-            kv_token_bytes * (kv_read + new_tokens),
-        )
+        rows = len(pt) + len(dc)
+        lm_head = self._op(rows * self._lm_flops, self._lm_bytes)
 
-        rows = len(chunks) + batch.num_decodes
-        lm_head = self._op(rows * m.lm_head_flops_per_token / tp, m.lm_head_params * dt / tp)
-
-        activation_bytes = new_tokens * m.hidden_size * dt
+        activation_bytes = new_tokens * self._activation_bytes
         allreduce = 0.0
         if tp > 1:
-            per_call = 2 * (tp - 1) / tp * activation_bytes
-            per_call /= self._link(tp > self.gpus_per_node)
-            allreduce = 2 * m.num_layers * (per_call + self.gpu.allreduce_latency_s)
-
-        # Hop k goes from stage k-1 to stage k, whose first GPU is number k·tp: a hop whose
-        # receiver starts a node crosses the network.
-        pipeline = sum(
-            activation_bytes / self._link(k * tp % self.gpus_per_node == 0)
-            + self.gpu.allreduce_latency_s
-            for k in range(1, self.pp)
-        )
+            per_call = 2 * (tp - 1) / tp * activation_bytes / self._allreduce_link
+            allreduce = 2 * self.model.num_layers * (per_call + self.gpu.allreduce_latency_s)
+        pipeline = sum(activation_bytes / link + self.gpu.allreduce_latency_s
+                       for link in self._hop_links)
         return StepCost(linear, attention, lm_head, allreduce, pipeline, self.gpu.step_overhead_s)
 
     def step_time(self, batch: Batch) -> float:
