@@ -149,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_compare.add_args(bc)
     bc.set_defaults(func=bench_compare.main)
 
+    from splitserve.sim import profile as sim_profile
     from splitserve.sim import run as sim_run
+
+    pr = sub.add_parser("profile", help="time real engine steps of known shape on this machine and "
+                        "fit the simulator's `fitted` latency model to them")
+    sim_profile.add_args(pr)
+    pr.set_defaults(func=sim_profile.main)
 
     si = sub.add_parser("sim", help="simulate a deployment (the server's own scheduling code on "
                         "a virtual clock) on any bench workload: same report as bench serve")

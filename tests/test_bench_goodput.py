@@ -457,3 +457,11 @@ def test_bench_serve_and_a_fake_run_function_give_the_same_report(fake_server, t
             s["attainment"] for s in fake["slo_sweep"]]
         if "goodput_req_s" in real:
             assert real["goodput_req_s"] == fake["goodput_req_s"] == 20.0 and real["capped"]
+
+
+def test_a_scaled_synthetic_workload_keeps_its_draws():
+    base = W.synthetic("prefill-heavy", 50, seed=4)
+    small = W.synthetic("prefill-heavy", 50, seed=4, length_scale=0.25)
+    assert [s.input_len for s in small] == [max(1, round(b.input_len * 0.25)) for b in base]
+    assert [s.output_len for s in small] == [max(1, round(b.output_len * 0.25)) for b in base]
+    assert all(len(s.prompt) == s.input_len for s in small)

@@ -104,8 +104,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="PATH",
                    help=f"the file of {', '.join(TRACE_FILES)}, in that workload's format "
                         "(default: its file in --data-dir)")
-    p.add_argument("--length-scale", type=positive(float), default=0.1,
-                   help="trace replay: token lengths x")
+    p.add_argument("--length-scale", type=positive(float), default=None,
+                   help="token lengths x (default: 0.1 for the mooncake and azure traces, 1 for "
+                        "the synthetic workloads)")
     p.add_argument("--time-scale", type=positive(float), default=1.0,
                    help="trace replay: arrival gaps x")
     p.add_argument("--max-input", type=positive(int), default=4096)
@@ -167,16 +168,25 @@ def build_workload(a) -> list[W.RequestSpec]:
     if a.workload == "humaneval":
         specs = W.humaneval(path, limit=n, caps=caps)
     elif a.workload == "mooncake":
-        specs = W.mooncake(path, a.length_scale, a.time_scale, caps=caps, limit=n, seed=a.seed)
+        specs = W.mooncake(path, length_scale(a), a.time_scale, caps=caps, limit=n, seed=a.seed)
     elif a.workload == "azure":
-        specs = W.azure(path, a.length_scale, a.time_scale, caps=caps, limit=n, seed=a.seed)
+        specs = W.azure(path, length_scale(a), a.time_scale, caps=caps, limit=n, seed=a.seed)
     elif a.workload == "summarization":
         specs = W.summarization(n, a.seed, path, caps=caps)
     else:
-        specs = W.synthetic(a.workload, n, a.seed, caps=caps)
+        specs = W.synthetic(a.workload, n, a.seed, caps=caps, length_scale=length_scale(a))
     if not specs:
         raise W.WorkloadError(f"{path}: no requests in it")
     return specs
+
+
+def length_scale(a) -> float:
+    """--length-scale, or its default: the production traces come from large models on GPU
+    clusters (scaled to a tenth here); the synthetic workloads are sized for this project's
+    machines already. HumanEval and summarization are not scaled."""
+    if a.length_scale is not None:
+        return a.length_scale
+    return 0.1 if a.workload in ("mooncake", "azure") else 1.0
 
 
 def slos(a) -> tuple[float, float]:
@@ -268,7 +278,7 @@ def run_experiment(a, run_fn: RunFn, cores: int, extra: dict) -> dict:
           f"seed {a.seed}, cv {a.cv}", file=sys.stderr)
     out = {"workload": a.workload, "num_requests": len(specs), "ttft_slo_s": ttft_slo,
            "tpot_slo_s": tpot_slo, "cores": cores, "seed": a.seed, "cv": a.cv,
-           "length_scale": a.length_scale, "time_scale": a.time_scale}
+           "length_scale": length_scale(a), "time_scale": a.time_scale}
     if clash := out.keys() & extra.keys():
         raise ValueError(f"extra keys {sorted(clash)} would overwrite the experiment's own")
     out |= extra

@@ -144,14 +144,20 @@ def _from_lengths(name: str, lengths, seed: int, vocab, caps: Caps, **meta) -> l
 
 
 def synthetic(name: str, n: int, seed: int = 0, vocab: tuple[int, int] = DEFAULT_VOCAB,
-              caps: Caps = Caps(), dist: SyntheticWorkload | None = None) -> list[RequestSpec]:
-    """n requests of the named workload (or `dist`), all arriving at 0: apply `at_rate` next."""
+              caps: Caps = Caps(), dist: SyntheticWorkload | None = None,
+              length_scale: float = 1.0) -> list[RequestSpec]:
+    """n requests of the named workload (or `dist`), all arriving at 0: apply `at_rate` next.
+    `length_scale` multiplies both lengths (the same draws: the shape stays, the size moves),
+    to size a workload to a slower or faster machine."""
     if dist is None and name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}: choose one of {sorted(WORKLOADS)}")
     w = dist or WORKLOADS[name]
     rng = np.random.default_rng([seed, 0])
     lengths = zip(w.input.sample(rng, n), w.output.sample(rng, n))
-    return _from_lengths(name, lengths, seed, vocab, caps)
+    if length_scale != 1.0:
+        lengths = ((max(1, round(i * length_scale)), max(1, round(o * length_scale)))
+                   for i, o in lengths)
+    return _from_lengths(name, lengths, seed, vocab, caps, length_scale=length_scale)
 
 
 def summarization(n: int, seed: int = 0, csv_path: str | None = None,
