@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefill-first) and llama-server, each started here")
     bench_compare.add_args(bc)
     bc.set_defaults(func=bench_compare.main)
+    from splitserve.sim import validate as sim_validate
+
+    bv = bsub.add_parser("validate", help="the simulator against real runs of the same workload, "
+                         "seed and rates on this machine (attainment and latency errors)")
+    sim_validate.add_args(bv)
+    bv.set_defaults(func=sim_validate.main)
 
     from splitserve.sim import profile as sim_profile
     from splitserve.sim import run as sim_run

@@ -113,7 +113,7 @@ def _normalise(entries: list, ids: dict[str, str]) -> list:
         if isinstance(x, list | tuple):
             return [rename(y) for y in x]
         return x
-    return [rename(decision_log.as_json(e)) for e in entries]
+    return [rename(decision_log.as_json(e)) for e in decision_log.decisions(entries)]
 
 
 @pytest.mark.real_model

@@ -23,7 +23,7 @@ from splitserve.sim.latency.fitted import (
 
 # Roughly this machine's one-core numbers for SmolLM2-135M (BENCHMARKS.md), in seconds.
 TRUE = {"step": 11e-3, "prefill_tokens": 1.5e-3, "prefill_attention": 4e-8, "chunks": 3e-3,
-        "decodes": 2.0e-3, "decode_context": 2e-7}
+        "decodes": 2.0e-3, "decode_context": 2e-7, "row_tiles": 6e-3}
 
 
 def grid_batches() -> list[Batch]:

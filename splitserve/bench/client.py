@@ -35,6 +35,8 @@ class LoadResult:
     records: list[RequestRecord]  # in the order of `specs`; times in s from the run's start
     wall_s: float
     client_cpu_s: float  # this process's CPU time over the run (all its threads)
+    t0: float = 0.0  # the run's start on the monotonic clock (the records' zero), for lining
+    # them up with what the server logged (SPLITSERVE_DECISION_LOG)
 
 
 def completions_url(base_url: str) -> str:
@@ -181,4 +183,4 @@ async def run_load(base_url: str, specs: list[RequestSpec], model: str,
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
-    return LoadResult(records, time.perf_counter() - t0, time.process_time() - cpu0)
+    return LoadResult(records, time.perf_counter() - t0, time.process_time() - cpu0, t0)

@@ -1,7 +1,9 @@
 """Decision logs: with SPLITSERVE_DECISION_LOG=DIR, every worker writes its engine core's
 step-by-step decisions (EngineCore.trace: chunks, preemptions, reservations, admissions) to
-DIR/<worker id>.jsonl when it stops, and the router its routing choices (RouterState.routes) to
-DIR/router.jsonl — what the simulator's decision logs are compared against (a debugging aid
+DIR/<worker id>.jsonl when it stops, and the router its routing choices (RouterState.routes)
+to DIR/router.jsonl. The real shells add when things happened, on the monotonic clock every
+process of a host shares: ["time", start, seconds] after each step, ["at", request, t] when a
+decode worker admitted a hand-over, and a route's fourth field (its time at the router) — what the simulator's decision logs are compared against (a debugging aid
 too: why did this request wait?)."""
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ ENV = "SPLITSERVE_DECISION_LOG"
 
 def directory() -> str | None:
     return os.environ.get(ENV) or None
+
+
+TIMINGS = ("time", "at")
+
+
+def decisions(entries: list) -> list:
+    """The decisions alone, without the timings (a route keeps its first three fields)."""
+    out = []
+    for e in entries:
+        if isinstance(e, list | tuple):
+            if e[0] in TIMINGS:
+                continue
+            if len(e) == 4 and e[1] in ("whole", "local", "pd"):
+                e = e[:3]
+        out.append(e)
+    return out
 
 
 def as_json(entry) -> list:

@@ -511,6 +511,8 @@ class Worker:
                     self._fail(rid, f"KV hand-over from {sender} failed: {problem}")
                 continue
             o = self.engine.admit(rid, msg.first_token, msg.first_logprobs)
+            if self.engine.core.trace is not None:
+                self.engine.core.trace.append(("at", rid, time.monotonic()))
             notify = time.monotonic() - msg.t_sent
             self.stats.kv_transfers += 1
             self.stats.kv_transfer_seconds += notify
@@ -519,7 +521,11 @@ class Worker:
 
     # -- the step --------------------------------------------------------------------------
     def _step(self) -> None:
+        trace = self.engine.core.trace
+        t0 = time.monotonic() if trace is not None else 0.0
         outs = self.engine.step()
+        if trace is not None:  # when the step ran, beside its decisions (see decision_log)
+            trace.append(("time", t0, time.monotonic() - t0))
         self.stats.steps += 1
         if self.role == "prefill":
             self._prefill_outputs(outs)

@@ -88,7 +88,8 @@ class RouterState:
         self.local_prefill = local_prefill
         self.dead: list[str] = []
         self.max_model_len: int | None = None  # the deployment's context, once known
-        # when a list: every route chosen, (request id, "whole" | "local" | "pd", worker ids)
+        # when a list: every route chosen, (request id, "whole" | "local" | "pd", worker ids,
+        # now)
         self.routes: list | None = None
 
     # -- the registry ----------------------------------------------------------------------
@@ -169,7 +170,8 @@ class RouterState:
         if self.routes is not None:
             kind = "pd" if t.worker is None else (
                 "local" if self.workers[t.worker].role == "decode" else "whole")
-            self.routes.append((request_id, kind, (t.worker,) if t.worker else (t.prefill, t.decode)))
+            self.routes.append((request_id, kind,
+                                (t.worker,) if t.worker else (t.prefill, t.decode), now))
         return t
 
     def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:

@@ -137,11 +137,12 @@ class Simulator:
                                 record=record)
         self.quiet = quiet
         self.last: SimResult | None = None
+        self.simulation: Simulation | None = None  # the last run's (its workers, their traces)
         self.wall_s = 0.0  # the simulator's own time, every run so far
         self.events = 0
 
     def __call__(self, specs: list[RequestSpec]) -> LoadResult:
-        sim = Simulation(self.workers, self.latency, self.config)
+        sim = self.simulation = Simulation(self.workers, self.latency, self.config)
         t0 = time.perf_counter()
         res = sim.run(specs, prompt_tokens(specs))
         wall = time.perf_counter() - t0
@@ -165,6 +166,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-model", required=True, metavar="SPEC", help=SPEC_SYNTAX)
     E.add_workload_args(p)
     E.add_experiment_args(p)
+    add_sim_args(p)
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    """The simulated deployment's engine settings and costs beside the step times."""
     g = p.add_argument_group("the simulated deployment")
     g.add_argument("--chunk", type=E.positive(int), default=256,
                    help="the co-located engines' token budget (as bench compare)")

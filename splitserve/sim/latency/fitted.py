@@ -14,13 +14,16 @@ after s cached tokens, so the features are those of any batch:
     decodes           B                         a row through every linear, the LM head and
                                                 the sampler, the detokenizer, per request
     decode_context    Σ (ctx+1)                 KV read by the decode attention
+    row_tiles         ceil(T / 8), T the step's  the CPU kernel's passes over the weights: it
+                      rows (prompt + decode)     multiplies up to 8 rows per pass (MT in
+                                                 kernels/gemv.c), so a 9th row costs a pass
 
 On one core of the dev VM (Zen 3, no AVX-512 BF16; SmolLM2-135M bf16) a step costs ~18 ms
 plus ~6.3 ms per prompt row and ~7.4 ms per decode row (every decode row also runs the LM head
-and the sampler): compute dominates from a few rows on, and the mild convexity of decode time
-in B (the weights stream overlapping less compute at small B) is the fit's main error (+12 % at
-B=8, -5 % at B=64). Non-negative coefficients keep extrapolation monotone: a bigger batch never takes
-less time. The fit weights each point by 1 / its time, so it minimises relative error: a
+and the sampler): compute dominates from a few rows on. Without `row_tiles` decode time bends
+upwards in B where a linear fit cannot follow (+12 % at B=8, -8 % at B=1; in a served run a
+step of 9 decodes took 21 ms more than one of 8). Non-negative coefficients keep extrapolation
+monotone: a bigger batch never takes less time. The fit weights each point by 1 / its time, so it minimises relative error: a
 10 ms decode step counts as much as a 3 s prefill.
 
 Plain Python and numpy: the simulator imports this, never torch.
@@ -39,15 +42,19 @@ import numpy as np
 
 from splitserve.sim.latency.base import Batch, LatencyModel
 
-FEATURES = ("step", "prefill_tokens", "prefill_attention", "chunks", "decodes", "decode_context")
+FEATURES = ("step", "prefill_tokens", "prefill_attention", "chunks", "decodes", "decode_context",
+            "row_tiles")
+ROW_TILE = 8  # rows per pass of the CPU GEMV kernel (MT in kernels/gemv.c)
 PROFILE_FORMAT = "splitserve-profile"
 KINDS = ("prefill", "decode", "mixed")
 
 
 def features(batch: Batch) -> tuple[float, ...]:
     pairs = sum(n * s + n * (n + 1) / 2 for n, s in zip(batch.prefill_tokens, batch.prefill_context))
+    rows = batch.num_prefill_tokens + batch.num_decodes
     return (1.0, float(batch.num_prefill_tokens), float(pairs), float(len(batch.prefill_tokens)),
-            float(batch.num_decodes), float(sum(batch.decode_context) + batch.num_decodes))
+            float(batch.num_decodes), float(sum(batch.decode_context) + batch.num_decodes),
+            float(-(-rows // ROW_TILE)))
 
 
 def kind_of(batch: Batch) -> str:
