@@ -124,7 +124,7 @@ class DistServeLatency(LatencyModel):
             t = a + b * batch.num_prefill_tokens + c * sum(new * (s + new) for new, s in chunks)
             t += decodes
             if self.sim_overheads:
-                t += 1.0 * self.pp  # their +1 ms per pipeline stage on each prefill
+                t += self.pp * self.pp  # each of pp stages adds their pp_const = 1 ms x pp
         else:
             t = a_d + decodes
         if self.sim_overheads:
