@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
         res = Simulation(workers, lat, SimConfig(KVLink(819200, 25e9, "overlapped", 40),
                                                  hop_s=1e-4, api_s=1e-3)).run(specs, prompts)
         assert all(r.ok for r in res.records), [r.error for r in res.records if not r.ok][:3]
-    kinds = {k for _, k, _ in res.routes}
+    kinds = {r[1] for r in res.routes}
     print("ok", res.events, sorted(kinds))
 """)
 

@@ -25,6 +25,7 @@ wall time is fitted at its CPU time, what it would take on a core of its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -111,6 +112,11 @@ def add_args(p) -> None:
                         "--refit: the profile refitted, in place)")
     p.add_argument("--refit", metavar="PATH", default=None,
                    help="refit a saved profile's samples without measuring, print the report")
+    p.add_argument("--beside", metavar="CORES", default=None,
+                   help="measure with a busy neighbour: another engine on these cores decoding "
+                        f"{NEIGHBOUR_BATCH} requests all the time, as a second worker of a "
+                        "deployment on one host does (shared caches and memory bandwidth)")
+    p.add_argument("--neighbour", action="store_true", help=argparse.SUPPRESS)
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -366,6 +372,39 @@ def _pin(spec: str | None, threads: int) -> list[int] | None:
     return cores
 
 
+NEIGHBOUR_BATCH = 4
+
+
+def run_neighbour(a) -> int:
+    """The busy neighbour of --beside: decode NEIGHBOUR_BATCH requests for ever (new ones as
+    they finish) until killed or orphaned."""
+    from splitserve.request import SamplingParams
+
+    _pin(a.cores, a.threads)
+    engine = build_engine(a)
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    rng = random.Random(a.seed + 1)
+    parent = os.getppid()
+    while os.getppid() == parent:
+        while len(engine.scheduler.running) + len(engine.scheduler.waiting) < NEIGHBOUR_BATCH:
+            engine.add_request([rng.randrange(100, 40_000) for _ in range(64)], params)
+        engine.step()
+    return 0
+
+
+def _start_neighbour(a):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "splitserve.sim.profile", "--neighbour", "--cores", a.beside,
+           "--threads", str(a.threads), "--model", a.model, "--dtype", a.dtype,
+           "--device", a.device, "--kv-cache-gb", "0.5"]
+    if a.quantization:
+        cmd += ["--quantization", a.quantization]
+    if a.no_fast_linear:
+        cmd.append("--no-fast-linear")
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+
 def measure(a, log=print) -> tuple[dict, list[Sample]]:
     """Build the engine, run the grid; the profile document (no fit yet) and its samples.
     The process's core affinity and torch's thread count are restored afterwards."""
@@ -375,6 +414,7 @@ def measure(a, log=print) -> tuple[dict, list[Sample]]:
     if a.repeats:
         g = replace(g, repeats=a.repeats, decode_steps=a.repeats)
     before = (os.sched_getaffinity(0), torch.get_num_threads())
+    neighbour = _start_neighbour(a) if a.beside else None
     t0 = time.perf_counter()
     try:
         cores = _pin(a.cores, a.threads)
@@ -382,13 +422,21 @@ def measure(a, log=print) -> tuple[dict, list[Sample]]:
         t_load = time.perf_counter() - t0
         log(f"profiling {engine.model_config.name} ({engine.linear_mode} linears, {a.threads} "
             f"thread(s), cores {cores or 'unpinned'}, {'quick' if a.quick else 'full'} grid)")
+        if neighbour is not None:
+            time.sleep(15)  # its model loads, its first steps run
+            if neighbour.poll() is not None:
+                raise RuntimeError(f"the --beside neighbour exited with {neighbour.returncode}")
         samples = Profiler(engine, a.seed, log).run(g)
         doc = {"format": PROFILE_FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "machine": machine_info(engine, cores), "engine": engine_settings(engine),
                "settings": {"quick": a.quick, "grid": asdict(g), "seed": a.seed, "load_seconds": t_load,
-                            "measure_seconds": time.perf_counter() - t0 - t_load},
+                            "measure_seconds": time.perf_counter() - t0 - t_load,
+                            "beside": a.beside},
                "samples": [s.to_json() for s in samples]}
     finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
         os.sched_setaffinity(0, before[0])
         torch.set_num_threads(before[1])
     return doc, samples
@@ -406,6 +454,8 @@ def attach_fit(doc: dict, samples: list[Sample], source: str) -> FittedLatency:
 
 
 def main(a) -> int:
+    if a.neighbour:
+        return run_neighbour(a)
     if a.refit:
         out = a.out or a.refit
         try:
@@ -434,8 +484,6 @@ def main(a) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m splitserve.sim.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(parser)

@@ -44,6 +44,10 @@ class SimError(SplitServeError):
 # Measured on this project's 2-core CPU machine (see BENCHMARKS.md, "Simulator"): the shm
 # hand-over writes ~3.8 GB/s from inside the prefill worker's forward.
 CPU_SHM_GB_S = 3.8
+# ... and the API server + router (0.31-0.38 ms) and the load generator (0.29-0.36 ms) spend
+# ~0.75 ms of CPU per streamed token on the workers' cores (decode-heavy at 1.5 req/s, pd and
+# chunked, /proc CPU times): what the simulator takes from busy workers.
+CPU_HOST_MS_PER_TOKEN = 0.75
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,16 @@ class SimSettings:
     max_model_len: int = 8192
     kv_link: str | None = None  # None: inline on CPU, overlapped on a GPU model
     kv_bandwidth_gb_s: float | None = None
-    api_ms: float = 0.5
+    api_ms: float = 3.0
     hop_ms: float = 0.2
     data_hop_ms: float = 0.3
+    host_cpu_ms_per_token: float | None = None  # None: 0.75 for a CPU model, 0 for a GPU one
 
     @classmethod
     def of(cls, a) -> SimSettings:
         return cls(a.block_size, a.max_num_seqs, a.local_prefill_chunk, a.kv_cache_gb,
                    a.model_shape, a.max_model_len, a.kv_link, a.kv_bandwidth, a.api_latency_ms,
-                   a.hop_latency_ms, a.data_hop_latency_ms)
+                   a.hop_latency_ms, a.data_hop_latency_ms, a.host_cpu_ms_per_token)
 
 
 def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> list[WorkerSpec]:
@@ -132,9 +137,12 @@ class Simulator:
                  record: bool = False, quiet: bool = False):
         self.dep, self.latency, self.settings = dep, latency, s
         self.workers = build_workers(dep, latency, s)
+        host_cpu = s.host_cpu_ms_per_token
+        if host_cpu is None:
+            host_cpu = 0.0 if latency.gpu is not None else CPU_HOST_MS_PER_TOKEN
         self.config = SimConfig(build_link(latency, s), api_s=s.api_ms / 1e3, hop_s=s.hop_ms / 1e3,
                                 data_hop_s=s.data_hop_ms / 1e3, local_prefill=dep.local_prefill,
-                                record=record)
+                                record=record, host_cpu_per_token_s=host_cpu / 1e3)
         self.quiet = quiet
         self.last: SimResult | None = None
         self.simulation: Simulation | None = None  # the last run's (its workers, their traces)
@@ -188,11 +196,16 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bandwidth", type=E.positive(float), default=None, metavar="GB/S",
                    help=f"default: {CPU_SHM_GB_S} (CPU shm), the GPU's network x tp")
     g.add_argument("--api-latency-ms", type=float, default=SimSettings.api_ms,
-                   help="client <-> router, one way")
+                   help="client <-> router, one way (HTTP, the API server; ~3 ms on this "
+                        "project's CPU machine: bench validate --explain)")
     g.add_argument("--hop-latency-ms", type=float, default=SimSettings.hop_ms,
                    help="router <-> worker, one way")
     g.add_argument("--data-hop-latency-ms", type=float, default=SimSettings.data_hop_ms,
                    help="prefill -> decode notices")
+    g.add_argument("--host-cpu-ms-per-token", type=float, default=None,
+                   help="CPU the API server, router and client take from the workers' cores per "
+                        f"streamed token when none is idle (default {CPU_HOST_MS_PER_TOKEN} on "
+                        "CPU, 0 for a GPU model)")
 
 
 def main(a) -> int:

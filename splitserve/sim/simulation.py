@@ -47,6 +47,9 @@ class SimConfig:
     kv_timeout_s: float = 30.0
     kv_queue_timeout_s: float = 600.0
     local_prefill: bool = True  # P/D: conditional disaggregation (serve --local-prefill auto)
+    # CPU the API server, the router and the client spend per streamed token on the workers'
+    # host (they are not pinned: on a host whose cores all run workers they take it from them)
+    host_cpu_per_token_s: float = 0.0
     record: bool = False  # keep every worker's decision log (EngineCore.trace)
 
 
@@ -93,6 +96,7 @@ class Simulation:
             raise ValueError(f"a deployment of {sorted(roles)} workers cannot serve: it needs a "
                              "co-located worker, or prefill and decode workers")
         self.state.max_model_len = min(w.max_model_len for w in workers)
+        self.host_cpu_owed = 0.0  # the API side's CPU not yet taken from a worker
         self.clients: dict[str, _Client] = {}
 
     # -- running ---------------------------------------------------------------------------
@@ -159,6 +163,7 @@ class Simulation:
             if o.num_new_tokens:
                 c.token_times.append(at_client)
                 c.n_out += o.num_new_tokens
+                self.host_cpu_owed += o.num_new_tokens * self.config.host_cpu_per_token_s
             if o.finished:
                 c.t_done = at_client
                 self.state.finish(rid)
@@ -182,6 +187,20 @@ class Simulation:
         for a in self.state.abort_plan(rid):
             self._to_worker(a.worker_id, Abort(rid, fenced=a.fenced, decode_peer=a.decode_peer))
         self.state.finish(rid)
+
+    def host_cpu_taken(self, worker: SimWorker) -> float:
+        """The time a step of `worker` loses to the API side's CPU work: none while another
+        worker of the host is idle (its core does that work), else its share of what is owed
+        (every worker is on one host: a CPU deployment)."""
+        owed = self.host_cpu_owed
+        if not owed:
+            return 0.0
+        if any(not w.stepping for w in self.workers.values() if w is not worker):
+            self.host_cpu_owed = 0.0
+            return 0.0
+        share = owed / len(self.workers)
+        self.host_cpu_owed -= share
+        return share
 
     # -- the data plane --------------------------------------------------------------------
     def send_data(self, dst: str, msg, delay: float) -> None:

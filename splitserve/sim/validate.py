@@ -27,6 +27,7 @@ from splitserve.bench.deployments import parse_deployment
 from splitserve.bench.goodput import attainment, summarize, to_markdown
 from splitserve.bench.load import load_runner
 from splitserve.disagg import decision_log
+from splitserve.sim.explain import mean_phases, phases
 from splitserve.sim.latency.registry import build_latency_model
 from splitserve.sim.run import SimError, SimSettings, Simulator, add_sim_args
 
@@ -39,6 +40,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="of bench compare's: pd, pd-pure, chunked, prefill-first")
     p.add_argument("--rates", type=E.floats, required=True, help="req/s, e.g. 0.5,1,1.5")
     p.add_argument("--repeats", type=E.positive(int), default=2, help="real runs per rate")
+    p.add_argument("--slo-scales", type=E.floats, default="1",
+                   help="also score every run with both SLOs times each scale (no new runs): "
+                        "0.4 of a 100 ms TPOT SLO is ~1.5x a lone decode step on one core")
     p.add_argument("--latency-model", required=True, metavar="SPEC",
                    help="the simulator's, e.g. fitted:bench-results/profile-cpu1.json "
                         "(splitserve profile measures one)")
@@ -49,6 +53,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-logs", default=None, metavar="DIR",
                    help="the real servers write their decision logs (with step times) under "
                         "DIR/<deployment>/ (see disagg/decision_log.py)")
+    p.add_argument("--explain", action="store_true",
+                   help="split each run's TTFT into phases, real (from --decision-logs) and "
+                        "simulated, to see where they part")
     p.add_argument("--sim-only", action="store_true",
                    help="skip the real runs (check the set-up, or re-read --out's real runs)")
     p.add_argument("--quiet", action="store_true")
@@ -110,12 +117,13 @@ def main(a) -> int:
     saved = {}
     if a.sim_only and os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f).get("real", {})
+            saved = json.load(f)
     print(f"workload {a.workload}: {len(specs)} requests, length scale {E.length_scale(a)}, seed "
           f"{a.seed}; SLOs TTFT {ttft_slo:g} s, TPOT {tpot_slo * 1e3:g} ms; rates "
           f"{', '.join(f'{r:g}' for r in a.rates)}; {a.repeats} real runs per rate; simulator: "
           f"{latency.describe()}", file=sys.stderr)
-    rows, real_out, sim_out, starts = [], {}, {}, {}
+    rows, real_out, sim_out, explained = [], {}, {}, []
+    starts = saved.get("real_t0", {})
     for dep in deps:
         real = {}
         if not a.sim_only:
@@ -140,27 +148,70 @@ def main(a) -> int:
                 stop_server(proc)
         else:
             real = {float(r): [_from_dicts(x) for x in runs]
-                    for r, runs in saved.get(dep.name, {}).items()}
-        sim = Simulator(dep, latency, settings, quiet=True)
+                    for r, runs in saved.get("real", {}).get(dep.name, {}).items()}
+        sim = Simulator(dep, latency, settings, quiet=True, record=a.explain)
         for rate in a.rates:
             simulated = E.run_at(a, sim, specs, rate, run=0).records
             sim_out.setdefault(dep.name, {})[rate] = _records(simulated)
             if rate in real:
                 real_out.setdefault(dep.name, {})[rate] = [_records(r) for r in real[rate]]
-                rows.append(compare_rows(dep.name, rate, real[rate], simulated, ttft_slo,
-                                         tpot_slo))
+                for scale in a.slo_scales:
+                    row = compare_rows(dep.name, rate, real[rate], simulated, ttft_slo * scale,
+                                       tpot_slo * scale)
+                    rows.append({"slo_scale": scale, **row} if len(a.slo_scales) > 1 else row)
+            if a.explain and rate in real:
+                explained += _explain(a, dep.name, rate, real[rate],
+                                      starts.get(dep.name, {}).get(str(rate)) or
+                                      starts.get(dep.name, {}).get(rate), sim, simulated)
         print(f"{dep.name}: simulated {len(a.rates)} rates in {sim.wall_s:.1f} s", file=sys.stderr)
     header = (f"workload {a.workload} (length scale {E.length_scale(a)}), {len(specs)} requests, "
               f"seed {a.seed}; SLOs TTFT {ttft_slo:g} s, TPOT {tpot_slo * 1e3:g} ms; "
               f"simulator: {latency.describe()}")
-    short = ["deployment", "rate", "real_attainment", "real_spread_pp", "sim_attainment",
-             "error_pp"]
+    short = (["slo_scale"] if len(a.slo_scales) > 1 else []) + [
+        "deployment", "rate", "real_attainment", "real_spread_pp", "sim_attainment", "error_pp"]
     lat_cols = ["deployment", "rate"] + [f"{n}_{q}_{k}" for n, q in METRICS
                                         for k in ("err", "spread")]
-    print(header + "\n\n" + to_markdown(rows, short) + "\n\n" + to_markdown(rows, lat_cols))
+    latency_rows = [r for r in rows if r.get("slo_scale", 1.0) == a.slo_scales[0]]
+    print(header + "\n\n" + to_markdown(rows, short) + "\n\n" + to_markdown(latency_rows, lat_cols))
+    if explained:
+        print("\nmean time to first token by phase, ms (sim/explain.py):\n\n"
+              + to_markdown(explained))
     with open(path, "w") as f:
         json.dump({"header": header, "rows": rows, "real": real_out, "sim": sim_out,
-                   "real_t0": starts,
+                   "real_t0": starts, "phases": explained,
                    "workload": a.workload, "length_scale": E.length_scale(a),
                    "rates": list(a.rates), "latency_model": a.latency_model}, f)
     return 0
+
+
+def _explain(a, dep: str, rate: float, real_runs: list, t0s: list | None, sim: Simulator,
+             simulated: list) -> list[dict]:
+    """Rows of mean phase durations (ms): each real run (its slice of the decision logs) and
+    the simulated run (its own logs)."""
+    out = []
+    sim_logs = {wid: [decision_log.as_json(e) for e in w.core.trace]
+                for wid, w in sim.simulation.workers.items()}
+    sim_routes = [decision_log.as_json(r) for r in sim.simulation.state.routes]
+    runs = [("sim", sim_routes, sim_logs, simulated, 0.0)]
+    d = os.path.join(a.decision_logs or "", dep)
+    if t0s and os.path.isdir(d):
+        logs = {f[:-6]: _read_jsonl(os.path.join(d, f)) for f in os.listdir(d)
+                if f.endswith(".jsonl")}
+        routes = logs.pop("router", [])
+        for k, (records, t0) in enumerate(zip(real_runs, t0s)):
+            end = t0 + max(r.t_done for r in records)
+            mine = [r for r in routes if t0 <= r[3] <= end]
+            runs.insert(k, (f"real {k + 1}", mine, logs, records, t0))
+    for label, routes, logs, records, t0 in runs:
+        rows = phases(routes, logs, records, t0)
+        m = mean_phases(rows)
+        if m:
+            out.append({"deployment": dep, "rate": rate, "run": label, "requests": len(rows),
+                        **{k: v * 1e3 for k, v in m.items()}})
+    return out
+
+
+def _read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+

@@ -195,6 +195,8 @@ class SimWorker:
             self.core.abort(msg.request_id)
         elif what == "admit":
             req = self.core.admit(msg.request_id, msg.first_token)
+            if self.core.trace is not None:  # the timings the real worker logs too
+                self.core.trace.append(("at", req.request_id, self.sim.loop.now))
             out.append(_Output(req.request_id, 1, req.is_finished, handover=True))
 
     def _housekeeping(self, out: list[_Output]) -> None:
@@ -238,8 +240,11 @@ class SimWorker:
         dt = self.latency.step_time(Batch.of(sched_out))
         if self.prefill_side is not None:
             dt += self.sim.kv.write(self, sched_out, dt)
+        dt += self.sim.host_cpu_taken(self)
         c = self.counters
         c.steps += 1
+        if self.core.trace is not None:
+            self.core.trace.append(("time", now, dt))
         c.busy_s += dt
         c.preemptions += len(sched_out.preempted)
         self.stepping = True
