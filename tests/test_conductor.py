@@ -54,8 +54,9 @@ def test_local_prefill_goes_where_less_work_is_ahead_of_the_prompt():
 
 def test_router_loads_follow_requests_through_every_path():
     """The loads LocalPrefill weighs are counters kept as requests move; after every event of
-    a random mix of local, P/D, finished, failed and aborted requests they must equal what
-    the requests in flight add up to (check_loads recomputes them)."""
+    a random mix of local, P/D, finished, failed and aborted requests, and of workers that die
+    and re-register under their ids, they must equal what the requests in flight add up to
+    (check_loads recomputes them)."""
     import random
 
     from splitserve.router.policies import LocalPrefill
@@ -76,15 +77,20 @@ def test_router_loads_follow_requests_through_every_path():
             rid = rng.choice(live)
             t = s.tracks[rid]
             leg = t.worker or t.decode
-            if op < 0.75:
+            if op < 0.7:
                 if t.decode and not t.admitted and s.on_reserved(rid, t.decode, 0.0):
                     s.prefill_sent(rid, True)
                 s.on_output(rid, leg, handover=t.decode is not None)
-            else:  # finished, failed or aborted: the same end for the router's books
+            elif op < 0.95:  # finished, failed or aborted: the same end for the router's books
                 s.finish(rid)
                 live.remove(rid)
+            else:  # a worker dies and comes back under its id before its requests have ended
+                wid = rng.choice(["p0", "d0", "d1"])
+                s.worker_died(wid)
+                s.add_worker(wid, s.workers[wid].role, 100, 0.0)
+                kinds.add("re-registered")
         s.check_loads()
-    assert kinds == {"local", "pd"}
+    assert kinds == {"local", "pd", "re-registered"}
     for rid in live:
         s.finish(rid)
     s.check_loads()

@@ -191,3 +191,21 @@ def test_a_trace_that_does_not_parse_is_named_with_its_line(capsys, tmp_path):
     code, _, err = _sim_cli(capsys, "--latency-model", "constant:0.01", "--workload", "mooncake",
                             "--trace", str(bad))
     assert code == 2 and str(bad) in err and "line 2" in err
+
+
+def test_a_reservation_that_waits_too_long_fails_on_time_in_an_idle_decode_worker():
+    """The queue timeout fires when due, as the real worker's 10 ms housekeeping makes it, not
+    when the next message happens to wake the decode worker: r1 waits behind r0's 5 s prefill
+    and fails at 1 s (left alone, its prefill would start at 5 s and reset the deadline)."""
+    specs = [W.RequestSpec(0.0, list(range(100, 164)), 64, 2),
+             W.RequestSpec(0.1, list(range(200, 264)), 64, 2)]
+    sim = Simulation(PD, PhaseLatency(5.0, 0.1),
+                     SimConfig(KVLink(1.0, 1e18, "inline"), local_prefill=False,
+                               kv_queue_timeout_s=1.0))
+    r0, r1 = sim.run(specs, [s.prompt for s in specs]).records
+    assert r0.ok
+    assert not r1.ok and "did not start within 1 s" in r1.error
+    assert r1.t_done == pytest.approx(1.1, abs=1e-6)
+    for w in sim.workers.values():  # the fence came back and every block is free
+        w.core.check_integrity()
+        assert w.core.kv.pool.usage()["in_use"] == 0

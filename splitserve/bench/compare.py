@@ -144,7 +144,7 @@ def main(a) -> int:
     os.makedirs(a.out, exist_ok=True)
     ttft_slo, tpot_slo = E.slos(a)
     results, rows = {}, []
-    for name in a.deployments.split(","):
+    for name in (d.strip() for d in a.deployments.split(",")):
         port = free_port()
         cmd = _command(name, port, a)
         if cmd is None:

@@ -62,6 +62,8 @@ class PrefillSide:
         self.targets: dict[str, Target] = {}
 
     def add(self, request_id: str, peer_id: str, dst_blocks: list[int], prompt_len: int) -> Target:
+        if request_id in self.targets:
+            raise SplitServeError(f"request id {request_id!r} is already being prefilled here")
         if len(dst_blocks) * self.block_size < prompt_len:
             raise SplitServeError(f"{len(dst_blocks)} reserved blocks cannot hold {prompt_len} "
                                   "prompt tokens")
@@ -132,9 +134,11 @@ class Fail:
 
 @dataclass(frozen=True)
 class Free:
-    """Abort the request in the engine: its blocks are safe to reuse."""
+    """Abort the request in the engine: its blocks are safe to reuse (the fence from `writer`
+    never came)."""
 
     request_id: str
+    writer: str
 
 
 Action = Reserved | Fail | Free
@@ -183,8 +187,14 @@ class DecodeSide:
                 actions.append(Fail(rid, f"KV transfer from {r.prefill_worker_id} {what}"))
             elif r.fenced_at is not None and now - r.fenced_at > self.fence_max_s:
                 del self.reservations[rid]
-                actions.append(Free(rid))
+                actions.append(Free(rid, r.prefill_worker_id))
         return actions
+
+    def next_deadline(self) -> float | None:
+        """When tick() would next act on a reservation (a deadline, or a fence given up)."""
+        times = [r.deadline if r.fenced_at is None else r.fenced_at + self.fence_max_s
+                 for r in self.reservations.values()]
+        return min(times) if times else None
 
     def writer_of(self, request_id: str) -> str | None:
         """The prefill worker allowed to write request_id's blocks now, or None."""

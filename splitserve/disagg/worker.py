@@ -394,8 +394,13 @@ class Worker:
         rid = msg.request_id
         try:
             self._sender(msg.peer)
+            # refuses a duplicate id (the live request's target stays) and too few blocks
             self.prefill_side.add(rid, msg.peer.worker_id, msg.block_ids, len(msg.prompt_token_ids))
-            self.peers[msg.peer.worker_id] = msg.peer
+        except SplitServeError as e:
+            self._fail(rid, str(e))
+            return
+        self.peers[msg.peer.worker_id] = msg.peer
+        try:
             self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), rid)
         except SplitServeError as e:
             self.prefill_side.pop(rid)
@@ -475,8 +480,8 @@ class Worker:
                 case Fail():
                     self._fail(a.request_id, a.message)
                 case Free():  # fenced, and the writer never said it stopped
-                    log.warning("no fence for %s after %.0f s; freeing its blocks", a.request_id,
-                                self.decode_side.fence_max_s)
+                    log.warning("no fence for %s from %s after %.0f s; freeing its blocks",
+                                a.request_id, a.writer, self.decode_side.fence_max_s)
                     self.engine.abort_request(a.request_id)
 
     def _decode_abort(self, rid: str, fenced: bool) -> None:
@@ -522,9 +527,10 @@ class Worker:
     # -- the step --------------------------------------------------------------------------
     def _step(self) -> None:
         trace = self.engine.core.trace
+        logged = len(trace) if trace is not None else 0
         t0 = time.monotonic() if trace is not None else 0.0
         outs = self.engine.step()
-        if trace is not None:  # when the step ran, beside its decisions (see decision_log)
+        if trace is not None and len(trace) > logged:  # the step did something: when it ran
             trace.append(("time", t0, time.monotonic() - t0))
         self.stats.steps += 1
         if self.role == "prefill":

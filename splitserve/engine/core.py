@@ -14,8 +14,8 @@ advances every request. Role operations (see scheduler.py for what each role doe
     release       prefill role: the hand-over is done, free the blocks
     abort         stop a request wherever it is and free what it holds
 
-`trace`, when set to a list, receives one StepRecord per step (and the role operations as
-tuples): the decision log that tests compare between the server's engine and the simulator.
+`trace`, when set to a list, receives one StepRecord per step that scheduled anything (and
+the role operations as tuples; the shells add their timings, see disagg/decision_log.py): the decision log that tests compare between the server's engine and the simulator.
 """
 
 from __future__ import annotations

@@ -200,9 +200,10 @@ class Conductor:
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[M.Delta]:
+        wp = M.Params.of(params)  # everything that can fail before the route is taken
+        s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
         t = self.state.route(request_id, len(prompt_token_ids), time.monotonic())
-        s = self._streams[request_id] = _Stream(list(prompt_token_ids), params, asyncio.Queue())
-        wp = M.Params.of(params)
+        self._streams[request_id] = s
         if t.worker is not None:
             self._send(t.worker, M.Generate(request_id, s.prompt, wp), request_id)
         else:

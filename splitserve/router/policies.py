@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 
-class WorkerLoad(NamedTuple):  # tuples: one per live worker per route, at any scale
+class WorkerLoad(NamedTuple):  # the shape; the router passes its own views
     worker_id: str
     outstanding: int  # requests the router has sent it that are not finished
     kv_free_blocks: int  # from its last heartbeat

@@ -63,10 +63,9 @@ class Track:
     first_token: bool = False  # an output arrived
     t_reserve: float = 0.0
     reserve_seconds: float = 0.0
-
-    @property
-    def local(self) -> bool:
-        return self.worker is not None and self.prefill is None
+    # the views this request's load was charged to: a worker that re-registers under its old
+    # id gets a fresh view, and the old requests must not be taken off the new one
+    views: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -161,11 +160,12 @@ class RouterState:
             t.t_reserve = now
         for wid in (t.worker, t.prefill, t.decode):
             if wid is not None:
-                self.workers[wid].requests.add(request_id)
+                t.views[wid] = self.workers[wid]
+                t.views[wid].requests.add(request_id)
         if t.worker is not None:
-            self.workers[t.worker].prefill_tokens += prompt_len
+            t.views[t.worker].prefill_tokens += prompt_len
         else:
-            self.workers[t.prefill].queued_prompt_tokens += prompt_len
+            t.views[t.prefill].queued_prompt_tokens += prompt_len
         self.tracks[request_id] = t
         if self.routes is not None:
             kind = "pd" if t.worker is None else (
@@ -198,16 +198,15 @@ class RouterState:
             return None
         if not t.first_token:
             t.first_token = True
-            w = self.workers[worker_id]
+            w = t.views[worker_id]
             w.decoding += 1
             if t.worker is not None:
                 w.prefill_tokens -= t.prompt_len
         if handover and not t.admitted:
             t.admitted = True
-            if t.prefill in self.workers:
-                p = self.workers[t.prefill]
-                p.requests.discard(request_id)
-                p.queued_prompt_tokens -= t.prompt_len
+            p = t.views[t.prefill]
+            p.requests.discard(request_id)
+            p.queued_prompt_tokens -= t.prompt_len
         return t
 
     def on_reserved(self, request_id: str, worker_id: str, now: float) -> str | None:
@@ -237,7 +236,7 @@ class RouterState:
             return [AbortTo(t.worker)]
         plan = []
         fenced = t.prefill_sent and not t.admitted
-        if fenced and t.decode in self.workers:
+        if fenced:
             plan.append(AbortTo(t.prefill, decode_peer=t.decode))
         if t.decode:
             plan.append(AbortTo(t.decode, fenced=fenced))
@@ -248,22 +247,21 @@ class RouterState:
         t = self.tracks.pop(request_id, None)
         if t is None:
             return
-        for wid in (t.worker, t.prefill, t.decode):
-            if wid in self.workers:
-                self.workers[wid].requests.discard(request_id)
+        for w in t.views.values():
+            w.requests.discard(request_id)
         if t.first_token:
-            self.workers[t.worker or t.decode].decoding -= 1
+            t.views[t.worker or t.decode].decoding -= 1
         elif t.worker is not None:
-            self.workers[t.worker].prefill_tokens -= t.prompt_len
+            t.views[t.worker].prefill_tokens -= t.prompt_len
         if t.prefill is not None and not t.admitted:
-            self.workers[t.prefill].queued_prompt_tokens -= t.prompt_len
+            t.views[t.prefill].queued_prompt_tokens -= t.prompt_len
 
     def check_loads(self) -> None:
         """Raise AssertionError unless every worker's load counters equal what its requests
         in flight add up to (the definitions the counters are kept by)."""
-        tracks = list(self.tracks.values())
         for w in self.workers.values():
             wid = w.worker_id
+            tracks = [t for t in self.tracks.values() if t.views.get(wid) is w]
             queued = sum(t.prompt_len for t in tracks if t.prefill == wid and not t.admitted)
             own = sum(t.prompt_len for t in tracks if t.worker == wid and not t.first_token)
             decoding = sum(1 for t in tracks if wid in (t.decode, t.worker) and t.first_token)

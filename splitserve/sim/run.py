@@ -74,6 +74,8 @@ class SimSettings:
 
 def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> list[WorkerSpec]:
     """One WorkerSpec per worker of `dep`, with the engine settings serve gives it."""
+    if s.block_size & (s.block_size - 1):
+        raise SimError(f"--block-size must be a power of two (as the engine's), got {s.block_size}")
     gpu_model = latency.gpu is not None and hasattr(latency, "kv_capacity_tokens")
     if gpu_model:
         try:
@@ -177,6 +179,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_sim_args(p)
 
 
+def _non_negative(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return x
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     """The simulated deployment's engine settings and costs beside the step times."""
     g = p.add_argument_group("the simulated deployment")
@@ -195,14 +207,14 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                         "overlapped for a GPU model); see sim/kvlink.py")
     g.add_argument("--kv-bandwidth", type=E.positive(float), default=None, metavar="GB/S",
                    help=f"default: {CPU_SHM_GB_S} (CPU shm), the GPU's network x tp")
-    g.add_argument("--api-latency-ms", type=float, default=SimSettings.api_ms,
+    g.add_argument("--api-latency-ms", type=_non_negative, default=SimSettings.api_ms,
                    help="client <-> router, one way (HTTP, the API server; ~3 ms on this "
                         "project's CPU machine: bench validate --explain)")
-    g.add_argument("--hop-latency-ms", type=float, default=SimSettings.hop_ms,
+    g.add_argument("--hop-latency-ms", type=_non_negative, default=SimSettings.hop_ms,
                    help="router <-> worker, one way")
-    g.add_argument("--data-hop-latency-ms", type=float, default=SimSettings.data_hop_ms,
+    g.add_argument("--data-hop-latency-ms", type=_non_negative, default=SimSettings.data_hop_ms,
                    help="prefill -> decode notices")
-    g.add_argument("--host-cpu-ms-per-token", type=float, default=None,
+    g.add_argument("--host-cpu-ms-per-token", type=_non_negative, default=None,
                    help="CPU the API server, router and client take from the workers' cores per "
                         f"streamed token when none is idle (default {CPU_HOST_MS_PER_TOKEN} on "
                         "CPU, 0 for a GPU model)")

@@ -68,10 +68,10 @@ class _Client:
 @dataclass
 class SimResult:
     records: list[RequestRecord]
-    makespan_s: float  # virtual time from the first arrival to the last event
+    makespan_s: float  # virtual time from the first arrival to the last request's end
     events: int
     workers: dict  # worker id -> its counters
-    routes: list  # (request id, "whole" | "local" | "pd", worker ids) in arrival order
+    routes: list  # (request id, "whole" | "local" | "pd", worker ids, time) in arrival order
 
 
 class Simulation:
@@ -109,7 +109,8 @@ class Simulation:
         self.loop.run()
         records = [self._record(c) for c in self.clients.values()]
         first = min((s.arrival_s for s in specs), default=0.0)
-        return SimResult(records, self.loop.now - first, self.loop.events,
+        last = max((r.t_done for r in records), default=first)  # not a later idle wake-up
+        return SimResult(records, last - first, self.loop.events,
                          {wid: w.counters for wid, w in self.workers.items()}, self.state.routes)
 
     def _record(self, c: _Client) -> RequestRecord:

@@ -108,16 +108,22 @@ def main(a) -> int:
     ttft_slo, tpot_slo = E.slos(a)
     try:
         latency = build_latency_model(a.latency_model)
-        deps = [parse_deployment(d, a.chunk, a.max_input) for d in a.deployments.split(",")]
+        deps = [parse_deployment(d.strip(), a.chunk, a.max_input) for d in a.deployments.split(",")]
     except ValueError as e:
         raise SimError(str(e)) from None
     settings = SimSettings.of(a)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"{a.workload}.json")
     saved = {}
-    if a.sim_only and os.path.exists(path):
+    if a.sim_only:
+        if not os.path.exists(path):
+            raise SimError(f"--sim-only compares with the real runs saved in {path}, and there is "
+                           "none: run once without --sim-only (or give the --out that has it)")
         with open(path) as f:
             saved = json.load(f)
+    if a.explain and not a.decision_logs:
+        raise SimError("--explain reads the real servers' decision logs: give --decision-logs DIR "
+                       "(the one the real runs wrote)")
     print(f"workload {a.workload}: {len(specs)} requests, length scale {E.length_scale(a)}, seed "
           f"{a.seed}; SLOs TTFT {ttft_slo:g} s, TPOT {tpot_slo * 1e3:g} ms; rates "
           f"{', '.join(f'{r:g}' for r in a.rates)}; {a.repeats} real runs per rate; simulator: "
@@ -128,7 +134,10 @@ def main(a) -> int:
         real = {}
         if not a.sim_only:
             port = free_port()
-            cmd = _command(dep.name, port, a)
+            # the simulated workers' engine settings, given to the real ones too
+            cmd = _command(dep.name, port, a) + [
+                "--kv-cache-gb", str(a.kv_cache_gb), "--max-num-seqs", str(a.max_num_seqs),
+                "--local-prefill-chunk", str(a.local_prefill_chunk)]
             print(f"{dep.name}: {' '.join(cmd)}", file=sys.stderr)
             if a.decision_logs:
                 os.environ[decision_log.ENV] = os.path.join(a.decision_logs, dep.name)

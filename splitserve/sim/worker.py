@@ -170,6 +170,10 @@ class SimWorker:
         try:
             self.prefill_side.add(req.request_id, msg.decode_worker_id, msg.block_ids,
                                   req.num_prompt_tokens)
+        except SplitServeError as e:
+            out.append(_Output(req.request_id, 0, True, failed=str(e)))
+            return
+        try:
             self.core.add_request(req)
         except SplitServeError as e:
             self.prefill_side.pop(req.request_id)
@@ -222,6 +226,18 @@ class SimWorker:
             self._start_step()
         else:
             self.stepping = False
+            self._wake_for_deadline()
+
+    def _wake_for_deadline(self) -> None:
+        """The real loop checks deadlines every 10 ms while reservations are open; an idle
+        simulated worker wakes when the next one is due."""
+        due = self.decode_side.next_deadline() if self.decode_side is not None else None
+        if due is not None:
+            self.sim.loop.at(due + 1e-9, self._wake)
+
+    def _wake(self) -> None:
+        if not self.stepping:
+            self._loop()
 
     def _forward(self, sched_out) -> dict[str, int]:
         return {c.request.request_id: SIM_TOKEN for c in sched_out.chunks if c.sample}
@@ -231,8 +247,9 @@ class SimWorker:
         now = self.sim.loop.now
         if sched_out.is_empty:
             # nothing can run (e.g. the pool is full of waiting prompts): the real worker spins
-            # on empty steps until a message changes that; here it waits for one
+            # on empty steps until a message changes that; here it waits for one (or a deadline)
             self.stepping = False
+            self._wake_for_deadline()
             if sched_out.finished:
                 self.sim.router_receive(self, "outputs", [
                     _Output(r.request_id, 0, True) for r in sched_out.finished])

@@ -134,7 +134,7 @@ def points(samples: Iterable[Sample]) -> list[Point]:
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin ||a x - b|| over x >= 0, exactly: the optimum is the unconstrained least-squares
-    solution on some subset of the columns (the rest at 0), so try every subset. 2^6 small
+    solution on some subset of the columns (the rest at 0), so try every subset. 2^7 small
     solves; columns are scaled to unit size first (the attention pairs run to millions)."""
     scale = np.abs(a).max(axis=0)
     scale[scale == 0] = 1.0
