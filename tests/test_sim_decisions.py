@@ -141,7 +141,8 @@ def test_a_served_pd_deployment_decides_like_the_simulator(tmp_path, monkeypatch
         srv.close()
     logs = {f.stem: [json.loads(line) for line in f.read_text().splitlines()]
             for f in tmp_path.glob("*.jsonl")}
-    assert sorted(logs) == ["decode-1", "decode-2", "prefill-0", "router"]
+    assert sorted(logs) == ["decode-1", "decode-2", "prefill-0", "router"], \
+        "every worker's log is created when it starts (see the server's stderr above)"
     ids = {route[0]: f"sim-{i}" for i, route in enumerate(logs["router"])}
 
     specs = [RequestSpec(1000.0 * i, p, len(p), n) for i, (p, n) in enumerate(zip(prompts, outs))]
@@ -160,3 +161,20 @@ def test_a_served_pd_deployment_decides_like_the_simulator(tmp_path, monkeypatch
     prefill_steps = [e for e in logs["prefill-0"] if e[0] == "step"]
     assert any(c[1] > 0 and c[1] % 16 == 0 for e in prefill_steps for c in e[1]), \
         "a prompt must start after a prefix-cache hit"
+
+
+def test_a_worker_log_is_on_disk_before_the_worker_stops(tmp_path, monkeypatch):
+    """What a killed worker leaves: the file exists from the start and holds every flushed
+    entry; the in-memory trace is emptied by each flush (a long run does not grow it)."""
+    import json
+
+    monkeypatch.setenv(decision_log.ENV, str(tmp_path))
+    log = decision_log.Appender("decode-7")
+    assert (tmp_path / "decode-7.jsonl").read_text() == ""
+    trace = [("reserve", "a", (1, 2)), ("time", 1.0, 0.5)]
+    log.flush(trace)
+    assert trace == []
+    trace.append(("admit", "a"))
+    log.flush(trace)
+    lines = [json.loads(x) for x in (tmp_path / "decode-7.jsonl").read_text().splitlines()]
+    assert lines == [["reserve", "a", [1, 2]], ["time", 1.0, 0.5], ["admit", "a"]]

@@ -1,6 +1,7 @@
 """Decision logs: with SPLITSERVE_DECISION_LOG=DIR, every worker writes its engine core's
 step-by-step decisions (EngineCore.trace: chunks, preemptions, reservations, admissions) to
-DIR/<worker id>.jsonl when it stops, and the router its routing choices (RouterState.routes)
+DIR/<worker id>.jsonl as it goes (created when it starts, appended every half second and when
+it stops, so a worker that was killed or crashed leaves its log up to then), and the router its routing choices (RouterState.routes)
 to DIR/router.jsonl. The real shells add when things happened, on the monotonic clock every
 process of a host shares: ["time", start, seconds] after each step, ["at", request, t] when a
 decode worker admitted a hand-over, and a route's fourth field (its time at the router) — what the simulator's decision logs are compared against (a debugging aid
@@ -53,3 +54,23 @@ def write(name: str, entries: list) -> None:
     with open(os.path.join(d, f"{name}.jsonl"), "w") as f:
         for e in entries:
             f.write(json.dumps(as_json(e)) + "\n")
+
+
+class Appender:
+    """A worker's log file: created (empty) at once, then `flush(entries)` appends the entries
+    and empties the list, so a long-running worker's trace does not grow in memory."""
+
+    def __init__(self, name: str):
+        d = directory()
+        self.path = None if d is None else os.path.join(d, f"{name}.jsonl")
+        if self.path is not None:
+            os.makedirs(d, exist_ok=True)
+            open(self.path, "w").close()
+
+    def flush(self, entries: list | None) -> None:
+        if self.path is None or not entries:
+            return
+        with open(self.path, "a") as f:
+            for e in entries:
+                f.write(json.dumps(as_json(e)) + "\n")
+        entries.clear()

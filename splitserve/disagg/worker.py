@@ -99,7 +99,8 @@ class Worker:
         want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
         self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
-        if decision_log.directory():
+        self.decisions = decision_log.Appender(self.worker_id)
+        if self.decisions.path is not None:
             eng.core.trace = []
         self.spec = self._kv_spec(eng)
         self.host = host_identity()
@@ -193,7 +194,7 @@ class Worker:
         self.router_seen = time.monotonic()
 
     def close(self) -> None:
-        decision_log.write(self.worker_id, self.engine.core.trace)
+        self.decisions.flush(self.engine.core.trace)
         for s in self.senders.values():
             s.close()
         if self.receiver:
@@ -234,6 +235,7 @@ class Worker:
                 now = time.monotonic()
                 if now - last_stats >= HEARTBEAT_S:
                     self._update_stats()
+                    self.decisions.flush(self.engine.core.trace)
                     last_stats = now
                     if self._orphaned():
                         log.warning("parent %s is gone; exiting", self.cfg.parent_pid)

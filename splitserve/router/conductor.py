@@ -121,7 +121,12 @@ class Conductor:
                 while w.proc.poll() is None and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 if w.proc.poll() is None:
+                    log.warning("worker %s did not stop within %.0f s; killed",
+                                w.info.worker_id, timeout_s)
                     w.proc.kill()
+                elif w.proc.returncode != 0:
+                    log.warning("worker %s exited with code %s while stopping",
+                                w.info.worker_id, w.proc.returncode)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
