@@ -130,6 +130,36 @@ def test_abort_frees_everything(ck):
     assert eng.kv_manager.pool.usage()["in_use"] == 0
 
 
+def test_a_step_whose_forward_raises_fails_its_requests_and_the_engine_goes_on(ck, baseline):
+    """The requests of the failed step (one decoding, one mid-prefill) end with "error"; their
+    blocks are freed and none of that step's KV is cached; the engine then serves the same
+    prompts to the baseline's tokens."""
+    llm = make(ck, enable_prefix_caching=True)
+    eng = llm.engine
+    poison = eng.encode(PROMPTS[2])
+
+    def boom(out):
+        if any(ch.request.prompt_token_ids == poison for ch in out.chunks):
+            raise RuntimeError("boom")
+
+    eng.before_forward = boom
+    a = eng.add_request(PROMPTS[0], GREEDY)
+    for _ in range(3):
+        eng.step()  # a is decoding
+    p = eng.add_request(poison, GREEDY)
+    outs = {o.request_id: o for o in eng.step()}  # a's decode and p's prefill: one step
+    assert {r: (o.finish_reason, o.error) for r, o in outs.items()} == {
+        a: ("error", "RuntimeError: boom"), p: ("error", "RuntimeError: boom")}
+    assert len(outs[a].token_ids) == 3 and outs[p].token_ids == []
+    assert not eng.has_unfinished() and eng.step_errors == 1
+    eng.check_integrity()
+    assert eng.kv_manager.pool.usage()["in_use"] == 0
+    eng.before_forward = None
+    outs = llm.generate([PROMPTS[0], PROMPTS[2]], GREEDY)
+    assert [o.token_ids for o in outs] == [baseline[0], baseline[2]]
+    assert outs[1].num_cached_tokens == 0, "the failed step's KV must not be in the prefix cache"
+
+
 def test_bad_prompts_raise_and_lose_nothing(ck):
     llm = make(ck, max_model_len=64)
     with pytest.raises(InvalidRequestError, match="context"):

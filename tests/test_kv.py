@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from splitserve.errors import IntegrityError
 from splitserve.kv.block_pool import BlockPool, NoFreeBlocksError
 from splitserve.kv.hashing import block_hashes, extend_block_hashes, hash_block, root_hash
 from splitserve.kv.manager import KVCacheManager
@@ -68,16 +69,48 @@ def test_pool_lru_eviction_and_integrity():
 def test_integrity_check_catches_corruption():
     pool = BlockPool(3)
     blocks = pool.allocate(2)
-    with pytest.raises(AssertionError):
+    with pytest.raises(IntegrityError):
         pool.check_integrity([blocks[:1]])  # a block with a reference nobody holds
     pool.check_integrity([blocks])
     pool._free[blocks[0].block_id] = None  # a referenced block in the free queue
-    with pytest.raises(AssertionError):
+    with pytest.raises(IntegrityError):
         pool.check_integrity([blocks])
     del pool._free[blocks[0].block_id]
     pool._cached[b"x"] = blocks[1]  # a hash entry the block does not carry
-    with pytest.raises(AssertionError):
+    with pytest.raises(IntegrityError):
         pool.check_integrity([blocks])
+
+
+def test_integrity_checks_still_run_under_python_O():
+    """Real exceptions, not asserts: `python -O` strips asserts, never these checks (the
+    scheduler's included)."""
+    code = """
+from splitserve.errors import IntegrityError
+from splitserve.kv.block_pool import BlockPool
+from splitserve.kv.manager import KVCacheManager
+from splitserve.engine.scheduler import Scheduler
+from splitserve.config import SchedulerConfig
+from splitserve.request import Request, SamplingParams
+assert False, "asserts are on"
+caught = []
+pool = BlockPool(3)
+blocks = pool.allocate(2)
+try:
+    pool.check_integrity([blocks[:1]])
+except IntegrityError:
+    caught.append("pool")
+s = Scheduler(SchedulerConfig(), KVCacheManager(8, 4, b"r"), 64)
+s.add_request(Request("a", [1, 2, 3], SamplingParams()))
+s.kv.req_blocks["a"] = []  # a waiting request holding blocks
+try:
+    s.check_integrity()
+except IntegrityError:
+    caught.append("scheduler")
+print(" ".join(caught))
+"""
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["pool", "scheduler"]
 
 
 def test_double_free_raises():

@@ -87,6 +87,8 @@ class WorkerStats(msgspec.Struct):
     steps: int = 0
     # the block pool's integrity check, run whenever the worker is idle; > 0 means a bug
     integrity_errors: int = 0
+    step_errors: int = 0  # steps whose forward raised (their requests failed, the worker went on)
+    aborts: int = 0  # requests aborted here (the client went away, or the router said so)
 
 
 class DecodePeer(msgspec.Struct, frozen=True):

@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 import zmq
 
 from splitserve.config import EngineConfig
-from splitserve.disagg import decision_log
+from splitserve.disagg import decision_log, faults
 from splitserve.disagg import messages as M
 from splitserve.disagg.handover import DecodeSide, Fail, Free, PrefillSide, Reserved
 from splitserve.disagg.transfer.base import KVSender, TransferError
 from splitserve.engine.engine import LLMEngine, RequestOutput
-from splitserve.errors import SplitServeError
+from splitserve.errors import IntegrityError, SplitServeError
 from splitserve.request import RequestStatus
 
 log = logging.getLogger("splitserve.worker")
@@ -99,6 +99,7 @@ class Worker:
         want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
         self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
+        faults.install(eng, cfg.role)
         self.decisions = decision_log.Appender(self.worker_id)
         if self.decisions.path is not None:
             eng.core.trace = []
@@ -306,8 +307,9 @@ class Worker:
         if not (eng.has_unfinished() or self.decode_side.busy or self.prefill_side.targets):
             try:
                 eng.check_integrity()
-                assert st.kv_blocks_used == 0, f"{st.kv_blocks_used} blocks in use while idle"
-            except AssertionError as e:
+                if st.kv_blocks_used:
+                    raise IntegrityError(f"{st.kv_blocks_used} blocks in use while idle")
+            except IntegrityError as e:
                 st.integrity_errors += 1
                 log.error("block pool integrity check failed: %s", e)
 
@@ -351,11 +353,17 @@ class Worker:
     def _on_abort(self, msg: M.Abort) -> None:
         rid = msg.request_id
         if self.role == "decode":
-            self._decode_abort(rid, msg.fenced)
-            return
-        self.engine.abort_request(rid)
+            found = self._decode_abort(rid, msg.fenced)
+        else:
+            found = self.engine.abort_request(rid) is not None
+            found = self._drop_prefill(rid, msg.decode_peer) or found
+        self.stats.aborts += found  # an abort that found its request here
+
+    def _drop_prefill(self, rid: str, decode_peer: M.DecodePeer | None = None) -> bool:
+        """Forget the request's hand-over target and fence it at its decode worker; whether
+        there was a target."""
         target = self.prefill_side.pop(rid)
-        peer = self.peers.get(target.peer_id) if target else msg.decode_peer
+        peer = self.peers.get(target.peer_id) if target else decode_peer
         sender = self.senders.get(peer.worker_id) if self.role == "prefill" and peer else None
         if sender is not None:
             # the decode worker keeps the blocks until it knows no write of ours is left. No
@@ -365,6 +373,7 @@ class Worker:
                 sender.fence(rid)
             except TransferError as e:
                 log.warning("could not fence %s at %s: %s", rid, peer.worker_id, e)
+        return target is not None
 
     def _on_peer_gone(self, msg: M.PeerGone) -> None:
         s = self.senders.pop(msg.worker_id, None)
@@ -486,9 +495,12 @@ class Worker:
                                 a.request_id, a.writer, self.decode_side.fence_max_s)
                     self.engine.abort_request(a.request_id)
 
-    def _decode_abort(self, rid: str, fenced: bool) -> None:
-        if self.decode_side.on_abort(rid, fenced, time.monotonic()) in ("free", "engine"):
-            self.engine.abort_request(rid)
+    def _decode_abort(self, rid: str, fenced: bool) -> bool:
+        """Whether the request was here (queued, reserved or in the engine)."""
+        what = self.decode_side.on_abort(rid, fenced, time.monotonic())
+        if what in ("free", "engine"):
+            return self.engine.abort_request(rid) is not None or what == "free"
+        return True
 
     def _drain_data(self) -> None:
         side = self.decode_side
@@ -535,6 +547,14 @@ class Worker:
         if trace is not None and len(trace) > logged:  # the step did something: when it ran
             trace.append(("time", t0, time.monotonic() - t0))
         self.stats.steps += 1
+        for o in outs:
+            if o.finish_reason == "error":  # the step raised: its requests fail, we go on
+                log.error("a step failed (%s); failing %s", o.error, o.request_id)
+                if self.role == "prefill":
+                    self._drop_prefill(o.request_id)
+                self._fail(o.request_id, f"a step failed on {self.worker_id}: {o.error}")
+        self.stats.step_errors = self.engine.step_errors
+        outs = [o for o in outs if o.finish_reason != "error"]
         if self.role == "prefill":
             self._prefill_outputs(outs)
             return

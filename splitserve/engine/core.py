@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from splitserve.config import SchedulerConfig
 from splitserve.engine.scheduler import Scheduler, SchedulerOutput
+from splitserve.errors import StepFailed
 from splitserve.kv.manager import KVCacheManager
 from splitserve.request import Request, RequestStatus
 
@@ -95,13 +96,22 @@ class EngineCore:
     def step(self, forward: Forward) -> tuple[SchedulerOutput, list[Request]]:
         """Schedule, run `forward` (not called for an empty step), advance. Returns the
         schedule (its `finished` ended while scheduling, with no token) and the requests that
-        got a token."""
+        got a token. When `forward` raises, the step's requests are aborted and StepFailed
+        names them."""
         out = self.scheduler.schedule()
         if self.trace is not None and (out.chunks or out.preempted or out.finished):
             self.trace.append(StepRecord.of(out))
         if out.is_empty:
             return out, []
-        return out, self.scheduler.update_from_output(out, forward(out))
+        try:
+            sampled = forward(out)
+        except Exception as e:  # fail this step's requests, not the engine
+            reqs = list({c.request.request_id: c.request for c in out.chunks}.values())
+            for r in reqs:
+                self.abort(r.request_id)
+            self._log(("failed", *(r.request_id for r in reqs)))
+            raise StepFailed(reqs, list(out.finished), e) from e
+        return out, self.scheduler.update_from_output(out, sampled)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

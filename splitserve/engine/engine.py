@@ -20,7 +20,7 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.scheduler import ScheduledChunk
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import IntegrityError, InvalidRequestError, StepFailed
 from splitserve.kv.cache import KVCache, kv_bytes_per_block
 from splitserve.kv.hashing import root_hash
 from splitserve.model.layers import pick_linear_mode
@@ -44,6 +44,7 @@ class RequestOutput:
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # finish_reason "error": the step it was in failed (StepFailed)
 
 
 @dataclass
@@ -115,6 +116,10 @@ class LLMEngine:
         self._ids = itertools.count()
         # Prefill role: called as (layer, chunks) once a layer's K/V of the step are in the cache.
         self.kv_layer_hook = None
+        # called with each step's schedule before its forward (fault injection in tests); a
+        # forward that raises fails that step's requests only (StepFailed), counted here
+        self.before_forward = None
+        self.step_errors = 0
 
     @property
     def model_id(self) -> str:
@@ -187,16 +192,31 @@ class LLMEngine:
         logprobs: dict = {}
 
         def forward(out) -> dict[str, int]:
+            if self.before_forward is not None:
+                self.before_forward(out)
             hook = self.kv_layer_hook
             res = self.runner.execute(out, None if hook is None else (lambda i: hook(i, out.chunks)))
             logprobs.update(res.logprobs)
             return res.sampled
 
-        out, stepped = self.core.step(forward)
+        try:
+            out, stepped = self.core.step(forward)
+        except StepFailed as e:  # the core aborted the step's requests; say so for each
+            self.step_errors += 1
+            return [self._output(r, [], []) for r in e.finished] + [
+                o for r in e.requests if (o := self._failed_output(r, str(e))) is not None]
         # finished while scheduling (outgrew the KV pool): reported with no new token
         return [self._output(r, [], []) for r in out.finished] + [
             self._postprocess(r, [logprobs[r.request_id]] if r.request_id in logprobs else [])
             for r in stepped]
+
+    def _failed_output(self, req: Request, error: str) -> RequestOutput | None:
+        self.sampler.forget(req.request_id)
+        st = self._states.pop(req.request_id, None)
+        if st is None:
+            return None
+        return RequestOutput(req.request_id, [], "", list(req.output_token_ids), st.detok.text,
+                             True, "error", error=error, num_prompt_tokens=req.num_prompt_tokens)
 
     def _postprocess(self, req: Request, logprobs: list) -> RequestOutput:
         """Detokenize the request's new token (finishing it on a stop string), then report."""
@@ -250,5 +270,7 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.core.check_integrity()
-        assert set(self._states) >= {r for r in self.scheduler.requests
-                                     if not self.scheduler.requests[r].is_finished}
+        lost = {r for r, req in self.scheduler.requests.items()
+                if not req.is_finished and r not in self._states}
+        if lost:
+            raise IntegrityError(f"unfinished requests without output state: {sorted(lost)}")

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from splitserve.config import SchedulerConfig
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import IntegrityError, InvalidRequestError
 from splitserve.kv.manager import KVCacheManager
 from splitserve.request import Request, RequestStatus
 
@@ -292,9 +292,14 @@ class Scheduler:
         self.kv.check_integrity()
         held = set(self.kv.req_blocks)
         for req in self.waiting:
-            assert req.request_id not in held, f"waiting {req.request_id} holds blocks"
+            if req.request_id in held:
+                raise IntegrityError(f"waiting {req.request_id} holds blocks")
         for req in self.running:
-            assert req.status is RequestStatus.RUNNING
-            assert req.request_id in held, f"running {req.request_id} holds no blocks"
+            if req.status is not RequestStatus.RUNNING:
+                raise IntegrityError(f"{req.request_id} in the running queue is {req.status}")
+            if req.request_id not in held:
+                raise IntegrityError(f"running {req.request_id} holds no blocks")
             need = -(-req.num_computed_tokens // self.kv.block_size)
-            assert len(self.kv.req_blocks[req.request_id]) >= need
+            if len(self.kv.req_blocks[req.request_id]) < need:
+                raise IntegrityError(f"{req.request_id} computed {req.num_computed_tokens} "
+                                     f"tokens into fewer than {need} blocks")

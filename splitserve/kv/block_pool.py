@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from splitserve.errors import IntegrityError
+
 
 class NoFreeBlocksError(RuntimeError):
     pass
@@ -131,18 +133,24 @@ class BlockPool:
 
     # -- invariants ------------------------------------------------------------------------
     def check_integrity(self, holders: Iterable[Iterable[KVBlock]] = ()) -> None:
-        """Raise AssertionError if the pool is inconsistent. `holders`: each request's block
+        """Raise IntegrityError if the pool is inconsistent. `holders`: each request's block
         list; each block's ref_cnt must equal the number of holders that name it."""
         refs = [0] * self.num_blocks
         for blocks in holders:
             for b in blocks:
                 refs[b.block_id] += 1
         for b in self.blocks:
-            assert b.ref_cnt == refs[b.block_id], f"{b}: {refs[b.block_id]} holders"
-            assert (b.ref_cnt == 0) == (b.block_id in self._free), f"{b}: free-queue mismatch"
-            if b.block_hash is not None:
-                assert self._cached.get(b.block_hash) is b, f"{b}: hash map mismatch"
-        assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
-        assert [b.block_id for b in self.blocks] == list(range(len(self.blocks)))
+            if b.ref_cnt != refs[b.block_id]:
+                raise IntegrityError(f"{b}: {refs[b.block_id]} holders")
+            if (b.ref_cnt == 0) != (b.block_id in self._free):
+                raise IntegrityError(f"{b}: free-queue mismatch")
+            if b.block_hash is not None and self._cached.get(b.block_hash) is not b:
+                raise IntegrityError(f"{b}: hash map mismatch")
+        hashed = sum(b.block_hash is not None for b in self.blocks)
+        if len(self._cached) != hashed:
+            raise IntegrityError(f"{len(self._cached)} cached hashes for {hashed} hashed blocks")
+        if [b.block_id for b in self.blocks] != list(range(len(self.blocks))):
+            raise IntegrityError("block ids out of order")
         u = self.usage()
-        assert u["free"] + u["cached"] + u["in_use"] == u["total"], u
+        if u["free"] + u["cached"] + u["in_use"] != u["total"]:
+            raise IntegrityError(f"usage does not add up: {u}")

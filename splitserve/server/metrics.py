@@ -120,8 +120,23 @@ class WorkerCollector:
         local_prefills = CounterMetricFamily(
             "splitserve_local_prefills", "Prompts a decode worker prefilled itself "
             "(conditional disaggregation)", labels=labels)
+        counters = {
+            "steps": CounterMetricFamily("splitserve_worker_steps", "Engine steps run",
+                                         labels=labels),
+            "aborts": CounterMetricFamily("splitserve_worker_aborts",
+                                          "Aborts that found their request at the worker",
+                                          labels=labels),
+            "step_errors": CounterMetricFamily(
+                "splitserve_worker_step_errors", "Steps whose forward raised (their requests "
+                "failed; the worker went on)", labels=labels),
+            "integrity_errors": CounterMetricFamily(
+                "splitserve_worker_integrity_errors", "Failed block-pool integrity checks "
+                "(run when idle; any is a bug)", labels=labels),
+        }
         for s in stats:
             key = [str(s["worker_id"]), str(s["role"])]
+            for field, family in counters.items():
+                family.add_metric(key, s.get(field, 0))
             for field, family in gauges.items():
                 family.add_metric(key, s.get(field, 0))
             kv_bytes.add_metric(key + ["sent"], s.get("kv_bytes_sent", 0))
@@ -130,6 +145,7 @@ class WorkerCollector:
             kv_transfers.add_metric(key, s.get("kv_transfers", 0))
             local_prefills.add_metric(key, s.get("local_prefills", 0))
         yield from gauges.values()
+        yield from counters.values()
         yield kv_bytes
         yield kv_seconds
         yield kv_transfers
