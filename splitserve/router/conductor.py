@@ -236,6 +236,14 @@ class Conductor:
         if s is not None:
             s.queue.put_nowait(RequestFailed(message))
 
+    def fail_all(self, message: str) -> int:
+        """Fail every request in flight with ServiceUnavailable(message) (a 503: serve's drain
+        ran out of time); how many there were."""
+        live = [s for s in self._streams.values() if not s.done]
+        for s in live:
+            s.queue.put_nowait(ServiceUnavailable(message))
+        return len(live)
+
     def _abort(self, request_id: str) -> None:
         for a in self.state.abort_plan(request_id):
             if a.decode_peer is not None:

@@ -5,7 +5,7 @@
       Conductor ◄── ZeroMQ ──────────► splitserve worker --role decode  --cores 1 ...
 
 Workers started elsewhere (`splitserve worker --router HOST:PORT`) register with the same
-router socket (bind it beyond loopback with --router-bind).
+router socket (bind it beyond loopback with --router-bind). SIGTERM drains (drain.py).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ async def run_deployment(a) -> int:
     import uvicorn
 
     from splitserve.router.conductor import Conductor
+    from splitserve.server.drain import DrainingServer
     from splitserve.server.openai_api import build_app
 
     if a.colocated:
@@ -131,8 +132,8 @@ async def run_deployment(a) -> int:
     await conductor.start()
     procs = spawn_workers(conductor, roles, core_groups, a)
     app = build_app(conductor, served, api_key=a.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
-                                           timeout_graceful_shutdown=2))
+    server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                           timeout_graceful_shutdown=2), conductor, a.drain_timeout)
 
     async def announce():
         while (status := conductor.status()) == "starting":
@@ -178,6 +179,10 @@ def add_serve_args(p) -> None:
                         "or always on a prefill worker (off)")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker counts as dead")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, refuse new requests (503) and give those in flight this many "
+                        "seconds to finish; those still running then fail with an error. SIGINT "
+                        "(Ctrl-C), or a second signal while draining, stops without draining")
     p.add_argument("--log-level", default="warning")
 
 
@@ -211,6 +216,8 @@ def run_serve(a) -> int:
         raise SystemExit("--colocated replaces --prefill/--decode; give one or the other")
     if not a.colocated and (a.prefill < 1 or a.decode < 1):
         raise SystemExit("P/D mode needs --prefill >= 1 and --decode >= 1")
+    if a.drain_timeout < 0:
+        raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
     try:
         return asyncio.run(run_deployment(a))
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
     POST /v1/completions, POST /v1/chat/completions   (JSON, or SSE with "stream": true)
     GET  /v1/models                                   the one served model
-    GET  /health                                      conductor.health(); 503 while starting
+    GET  /health                                      conductor.health(); 503 while starting, and
+                                                      with status "draining" after SIGTERM
     GET  /metrics                                     Prometheus text format
 
 Every error is OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`, never a traceback:
@@ -11,7 +12,9 @@ Every error is OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`, 
     401 invalid_api_key        api_key set and `Authorization: Bearer <key>` missing or wrong
                                (/v1/* only: health checks and scrapers need no key)
     404 model_not_found        `model` given and not the served name
-    503                        no workers yet (or none able to serve)
+    503                        no workers yet (or none able to serve); serve is draining (SIGTERM:
+                               every /v1/* request, before its body is read); a request still
+                               running when the drain timed out (drain.py)
     500 server_error           a worker died or a KV transfer timed out mid-request
 """
 
@@ -46,8 +49,10 @@ def build_app(conductor, served_model_name: str, api_key: str | None = None) -> 
     metrics = ApiMetrics(conductor)
     t_started = int(time.time())
     app.state.conductor, app.state.metrics = conductor, metrics
+    app.state.draining = False  # set by serve's SIGTERM (drain.py); never cleared
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(DrainingMiddleware, state=app.state)  # outermost: refuses before the key
     _install_error_handlers(app)
 
     async def generation(request: Request, body, chat: bool) -> Response:
@@ -78,6 +83,8 @@ def build_app(conductor, served_model_name: str, api_key: str | None = None) -> 
     @app.get("/health")
     async def health() -> Response:
         h = conductor.health()
+        if app.state.draining:  # out of a load balancer's rotation, whatever the workers say
+            h["status"] = "draining"
         serving = h.get("status") in ("ok", "degraded")
         return MsgspecJSONResponse(h, status_code=200 if serving else 503)
 
@@ -104,6 +111,25 @@ class ApiKeyMiddleware:
                                   "<key>`.", code="invalid_api_key")
                 await MsgspecJSONResponse(body, status_code=401)(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class DrainingMiddleware:
+    """While serve drains (`state.draining`), every /v1/* request gets 503 at once; the requests
+    already running are not this middleware's to see (they passed it before). `Connection:
+    close` sends the client's next request to another connection, and so another replica."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.state.draining:
+            body = error_body("The server is shutting down and accepts no new requests; retry "
+                              "on another replica.", type="service_unavailable_error")
+            await MsgspecJSONResponse(body, status_code=503, headers={"Connection": "close"})(
+                scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
