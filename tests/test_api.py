@@ -327,19 +327,89 @@ MSGS = [{"role": "user", "content": "hi"}]
     (COMPL, {"prompt": "a", "echo": True}, "echo", "not supported"),
     (COMPL, {"prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     (COMPL, {"prompt": "a", "stop": ["s"] * 17}, "stop", "at most 16"),
-    (COMPL, {"prompt": "a", "stream_options": {"include_usage": True}}, None, "stream=true"),
+    (COMPL, {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
+    # every field's bounds
+    (COMPL, {"prompt": "a", "temperature": 2.5}, "temperature", "less than or equal to 2"),
+    (COMPL, {"prompt": "a", "top_p": 1.5}, "top_p", "less than or equal to 1"),
+    (COMPL, {"prompt": "a", "top_k": -2}, "top_k", "greater than or equal to -1"),
+    (COMPL, {"prompt": "a", "top_k": 2**63}, "top_k", "less than or equal to"),
+    (COMPL, {"prompt": "a", "n": 129}, "n", "less than or equal to 128"),
+    (COMPL, {"prompt": "a", "seed": 2**63}, "seed", "less than or equal to 9223372036854775807"),
+    (COMPL, {"prompt": "a", "seed": -(2**63) - 1}, "seed", "greater than or equal to"),
+    (COMPL, {"prompt": "a", "seed": 2**70}, "seed", "less than or equal to"),
+    (COMPL, {"prompt": "a", "seed": 1.5}, "seed", "valid integer"),
+    (COMPL, {"prompt": "a", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    (COMPL, {"prompt": "a", "max_tokens": -5}, "max_tokens", "greater than or equal to 1"),
+    (COMPL, {"prompt": "a", "frequency_penalty": -3}, "frequency_penalty", "not supported"),
+    (COMPL, {"prompt": "a", "presence_penalty": 2.0}, "presence_penalty", "not supported"),
+    (COMPL, {"prompt": "a", "stop": ""}, "stop", "must not be empty"),
+    (COMPL, {"prompt": "a", "stop": ["x", ""]}, "stop", "must not be empty"),
+    (COMPL, {"prompt": "a", "stop": ["s"] * 5 + [3]}, "stop", "string or a list of strings"),
+    (COMPL, {"prompt": "a", "stop": {"s": 1}}, "stop", "string or a list of strings"),
+    (COMPL, {"prompt": "a", "stop": "\ud800"}, "stop", "lone surrogate"),
+    (COMPL, {"prompt": "a", "stop_token_ids": [-1]}, "stop_token_ids[0]", "greater than or equal to 0"),
+    (COMPL, {"prompt": "a", "stop_token_ids": [5, 2**64]}, "stop_token_ids[1]", "less than or equal"),
+    (COMPL, {"prompt": "a", "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    (COMPL, {"prompt": "a", "logit_bias": {str(i): 1 for i in range(5000)}}, "logit_bias", "not supported"),
+    (COMPL, {"prompt": "a", "logit_bias": {"99999999": 1}}, "logit_bias", "not supported"),
+    (COMPL, {"prompt": "a", "logit_bias": {"5": 500}}, "logit_bias", "not supported"),
+    (COMPL, {"prompt": "a", "logit_bias": {"token": -1}}, "logit_bias", "not supported"),
+    (COMPL, {"prompt": "a", "logit_bias": [1, 2]}, "logit_bias", "valid dictionary"),
+    (COMPL, {"prompt": "a", "logprobs": -1}, "logprobs", "greater than or equal to 0"),
+    (COMPL, {"prompt": "a", "logprobs": True}, "logprobs", "valid integer"),
+    (COMPL, {"prompt": "a", "best_of": 2}, "best_of", "best_of = n"),
+    (COMPL, {"prompt": [[1, 2], []]}, "prompt", "prompt 1 of the batch must not be an empty list"),
+    (COMPL, {"prompt": [[1, 2], [3, [4]]]}, "prompt", "list of token ids"),
+    (COMPL, {"prompt": [[[1]]]}, "prompt", "list of token ids"),
+    (COMPL, {"prompt": ["a", 1]}, "prompt", "list of token ids"),
+    (COMPL, {"prompt": [1.5]}, "prompt", "list of token ids"),
+    (COMPL, {"prompt": "x\udc00y"}, "prompt", "character 1 is a lone surrogate"),
+    (COMPL, {"prompt": ["ok", "\ud83d"]}, "prompt", "prompt 1 of the batch must be valid unicode"),
+    (COMPL, {"prompt": ["a"] * 17, "n": 128}, "prompt", "more than 2048 choices"),
+    (COMPL, {"prompt": "a", "model": "\ud800"}, "model", "lone surrogate"),
     (CHAT, {"max_tokens": 3}, "messages", "required"),
     (CHAT, {"messages": []}, "messages", "at least 1"),
     (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be one of"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content", "only text"),
     (CHAT, {"messages": MSGS, "top_logprobs": 50, "logprobs": True}, "top_logprobs", "less than or equal"),
-    (CHAT, {"messages": MSGS, "top_logprobs": 2}, None, "logprobs=true"),
+    (CHAT, {"messages": MSGS, "top_logprobs": -1, "logprobs": True}, "top_logprobs", "greater than or equal"),
+    (CHAT, {"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+    (CHAT, {"messages": MSGS, "logprobs": 3}, "logprobs", "valid boolean"),
+    (CHAT, {"messages": MSGS, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+    (CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", "lone surrogate"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+     "messages[0].content", "lone surrogate"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "list of content parts"),
+    (CHAT, {"messages": [{"role": "user", "content": "x", "name": "\ud800"}]}, "messages[0].name",
+     "lone surrogate"),
+    (CHAT, {"messages": MSGS, "seed": 2**64}, "seed", "less than or equal"),
+    (CHAT, {"messages": MSGS, "logit_bias": {"1": -100}}, "logit_bias", "not supported"),
     (CHAT, {"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "not supported"),
 ])
 def test_invalid_fields(client, fake, path, body, param, contains):
-    assert_error(client.post(path, json=body), 400, param=param, contains=contains)
+    # json.dumps escapes non-ASCII: a lone surrogate goes as "\ud800", which JSON allows (and
+    # UTF-8 does not: httpx's json= could not send it)
+    raw = json.dumps(body).encode()
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, param=param, contains=contains)
     assert fake.calls == []
+
+
+@pytest.mark.parametrize("body, check", [
+    ({"prompt": "a", "seed": -1}, lambda p: p.seed == -1),  # int64, as vLLM
+    ({"prompt": "a", "seed": 2**63 - 1, "n": 2}, lambda p: p.seed in (2**63 - 1, 2**63)),
+    ({"prompt": "a", "stop": []}, lambda p: p.stop == ()),  # no stop strings
+    ({"prompt": "a", "top_k": 2**40}, lambda p: p.top_k == 2**40),  # more than the vocabulary: off
+    ({"prompt": "a", "logit_bias": {}, "presence_penalty": 0}, lambda p: True),
+    ({"prompt": "a", "temperature": 2, "top_p": 1}, lambda p: (p.temperature, p.top_p) == (2, 1)),
+    ({"prompt": ["a"] * 16, "n": 128, "max_tokens": 1}, lambda p: True),  # exactly 2048 choices
+    ({"prompt": "😀 你好 \u00e9", "stop": ["你"]}, lambda p: p.stop == ("你",)),
+])
+def test_fields_at_their_bounds_are_accepted(client, fake, body, check):
+    r = client.post(COMPL, json=body)
+    assert r.status_code == 200, r.text
+    assert fake.calls and all(check(p) for _, _, p in fake.calls)
 
 
 def test_invalid_json_and_body(client):
@@ -347,6 +417,71 @@ def test_invalid_json_and_body(client):
     assert_error(r, 400, contains="not valid JSON")
     r = client.post(COMPL, content=b"[1, 2]", headers={"content-type": "application/json"})
     assert_error(r, 400, contains="request body")
+    # what json.loads itself refuses: not UTF-8, nested too deep, an integer of 5000 digits
+    for raw in (b'{"prompt": "\xff\xfe"}', b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"):
+        r = client.post(COMPL, content=raw, headers={"content-type": "application/json"})
+        assert_error(r, 400, contains="could not be parsed as JSON: it must be UTF-8")
+
+
+def _raw_http(url: str, head: bytes, chunks=()) -> bytes:
+    """Send a request's head and then `chunks` over a plain socket; the server's answer."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        for c in chunks:
+            s.sendall(c)
+        out = b""
+        while b"\r\n\r\n" not in out or len(out.partition(b"\r\n\r\n")[2]) < 2:
+            got = s.recv(65536)
+            if not got:
+                break
+            out += got
+        s.settimeout(1)
+        try:
+            while got := s.recv(65536):
+                out += got
+        except TimeoutError:
+            pass
+        return out
+
+
+def test_oversized_bodies_get_413_before_parsing(fake):
+    limit = 1000
+    app = build_app(fake, MODEL, max_body_bytes=limit)
+    client = TestClient(app)
+    ok = {"prompt": "w" * 900, "max_tokens": 1}  # 930-odd bytes (one token to the fake)
+    assert client.post(COMPL, json=ok).status_code == 200
+    big = {"prompt": "w" * 1000, "max_tokens": 1}
+    err = assert_error(client.post(COMPL, json=big), 413, contains="over this server's limit of 1000")
+    assert err["code"] == "request_too_large"
+    # not parsed: a body that is not even JSON gets the same answer
+    assert_error(client.post(CHAT, content=b"x" * 2000), 413, contains="limit of 1000 bytes")
+    assert len(fake.calls) == 1
+
+    with app_in_thread(app) as url:
+        # Content-Length over the limit: refused on the head alone (no body byte is sent)
+        out = _raw_http(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: 10000000000\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413"), out[:200]
+        assert b'"code":"request_too_large"' in out and b"10000000000 bytes" in out
+        # chunked, no Content-Length: refused once past the limit; the rest is never read
+        # (the last chunk and the terminator are never sent)
+        chunk = b"%x\r\n%s\r\n" % (300, b" " * 300)
+        out = _raw_http(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n", [chunk] * 4)
+        assert out.startswith(b"HTTP/1.1 413"), out[:200]
+        assert b"chunked, cut off there" in out
+        # a chunked body within the limit is served
+        body = json.dumps({"prompt": "a b", "max_tokens": 2}).encode()
+        out = _raw_http(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nTransfer-Encoding: chunked\r\nConnection: close"
+                        b"\r\n\r\n", [b"%x\r\n%s\r\n" % (len(body), body), b"0\r\n\r\n"])
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]
+        assert b"Hello," in out
+    assert len(fake.calls) == 2
 
 
 def test_context_length(client, fake):
@@ -357,15 +492,33 @@ def test_context_length(client, fake):
     assert_error(r, 400, param="max_tokens", contains="you requested 33 tokens (20 in the prompt, 13 in the completion)")
     r = client.post(CHAT, json={"messages": [{"role": "user", "content": " ".join(["w"] * 20)}],
                                 "max_completion_tokens": 11})
-    assert_error(r, 400, contains="(22 in the messages, 11 in the completion)")
+    assert_error(r, 400, param="max_completion_tokens", contains="(22 in the messages, 11 in the completion)")
+    r = client.post(CHAT, json={"messages": [{"role": "user", "content": "w"}], "max_tokens": 10**30})
+    assert_error(r, 400, param="max_tokens", contains="maximum context length")
+    r = client.post(COMPL, json={"prompt": [1, 2], "max_tokens": 2**64})
+    assert_error(r, 400, param="max_tokens", contains="maximum context length")
     # exactly the context is fine; the chat default fills it
     assert client.post(COMPL, json={"prompt": " ".join(["w"] * 20), "max_tokens": 12}).status_code == 200
     assert fake.calls[-1][2].max_tokens == 12
 
 
 def test_engine_refusals(client, fake):
-    assert_error(client.post(COMPL, json={"prompt": [5, 500]}), 400, contains="outside the vocabulary")
-    assert_error(client.post(COMPL, json={"prompt": ""}), 400, contains="empty")
+    assert_error(client.post(COMPL, json={"prompt": [5, 500]}), 400, param="prompt",
+                 contains="outside the vocabulary")
+    assert_error(client.post(COMPL, json={"prompt": [5, -1]}), 400, param="prompt",
+                 contains="outside the vocabulary")
+    assert_error(client.post(COMPL, json={"prompt": [[5], [100]]}), 400, param="prompt",
+                 contains="outside the vocabulary")
+    assert_error(client.post(COMPL, json={"prompt": ""}), 400, param="prompt", contains="empty")
+    assert_error(client.post(COMPL, json={"prompt": ["a", " "]}), 400, param="prompt", contains="empty")
+    assert fake.calls == []
+    # refused by the router: the param it names (a chat request's prompt is its messages)
+    fake.raise_before = InvalidRequestError("prompt too long for the decode pool", param="prompt")
+    for stream in (False, True):
+        assert_error(client.post(COMPL, json={"prompt": "a", "stream": stream}), 400, param="prompt",
+                     contains="decode pool")
+        assert_error(client.post(CHAT, json={"messages": MSGS, "stream": stream}), 400,
+                     param="messages", contains="decode pool")
     fake.raise_before = InvalidRequestError("prompt too long for the decode pool")
     for stream in (False, True):
         assert_error(client.post(COMPL, json={"prompt": "a", "stream": stream}), 400, contains="decode pool")

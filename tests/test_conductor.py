@@ -96,3 +96,50 @@ def test_router_loads_follow_requests_through_every_path():
     s.check_loads()
     assert all((w.queued_prompt_tokens, w.prefill_tokens, w.decoding) == (0, 0, 0)
                for w in s.workers.values())
+
+
+def test_a_prompt_no_worker_pool_can_hold_is_refused_and_one_some_can_goes_there():
+    """The router refuses (a 400 naming the prompt) a prompt whose blocks no route's workers
+    can hold, instead of sending it to wait for free blocks for ever; with pools of different
+    sizes it routes a long prompt only to workers whose pool can hold it."""
+    import pytest
+
+    from splitserve.errors import InvalidRequestError
+    from splitserve.router.policies import LocalPrefill
+    from splitserve.router.state import RouterState
+
+    def pd(decode_blocks, prefill_blocks=100, local=None):
+        s = RouterState(local)
+        s.block_size = 16
+        s.add_worker("p0", "prefill", prefill_blocks, 0.0)
+        for i, n in enumerate(decode_blocks):
+            s.add_worker(f"d{i}", "decode", n, 0.0)
+        return s
+
+    s = pd([10])
+    t = s.route("fits", 159, 0.0)  # 159 + 1 tokens: exactly 10 blocks of 16
+    assert (t.prefill, t.decode) == ("p0", "d0")
+    with pytest.raises(InvalidRequestError) as e:
+        s.route("too-long", 160, 0.0)
+    assert e.value.param == "prompt"
+    assert "needs 11 KV blocks of 16 tokens" in str(e.value)
+    assert "decode worker holds 10 blocks (160 tokens)" in str(e.value)
+    assert "too-long" not in s.tracks and s.workers["d0"].requests == {"fits"}
+
+    s = pd([10, 40, 10])  # only d1 can hold 300 tokens, however loaded it is
+    assert {s.route(f"r{i}", 300, 0.0).decode for i in range(4)} == {"d1"}
+    assert {s.route(f"s{i}", 20, 0.0).decode for i in range(6)} == {"d0", "d2"}  # less loaded
+
+    s = pd([40], prefill_blocks=10)  # the prefill pool is the small one
+    with pytest.raises(InvalidRequestError, match="prefill worker holds 10 blocks"):
+        s.route("r", 300, 0.0)
+    s = pd([40], prefill_blocks=10, local=LocalPrefill())  # the decode worker prefills it itself
+    assert s.route("r", 300, 0.0).worker == "d0"
+
+    s = RouterState()
+    s.block_size = 16
+    s.add_worker("c0", "colocated", 4, 0.0)
+    with pytest.raises(InvalidRequestError, match="colocated worker holds 4 blocks"):
+        s.route("r", 64, 0.0)
+    s.block_size = None  # not known (the simulator's deployments): not checked
+    assert s.route("r", 64, 0.0).worker == "c0"

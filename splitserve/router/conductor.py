@@ -371,6 +371,7 @@ class Conductor:
         if self.reference is None:
             self.reference = msg
             self.state.max_model_len = msg.max_model_len
+            self.state.block_size = msg.kv.block_size  # every worker's (mismatches are refused)
         view = self.state.add_worker(wid, msg.role, msg.num_blocks, time.monotonic())
         self.workers[wid] = WorkerHandle(msg, view, proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks

@@ -87,6 +87,7 @@ class RouterState:
         self.local_prefill = local_prefill
         self.dead: list[str] = []
         self.max_model_len: int | None = None  # the deployment's context, once known
+        self.block_size: int | None = None  # tokens per KV block, once known (None: unchecked)
         # when a list: every route chosen, (request id, "whole" | "local" | "pd", worker ids,
         # now)
         self.routes: list | None = None
@@ -130,9 +131,37 @@ class RouterState:
             "prefill" in live or self.local_prefill is not None))
 
     # -- routing -----------------------------------------------------------------------------
-    def _pick(self, role: str) -> str | None:
+    def _pick(self, role: str, need: int = 0) -> str | None:
         # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
-        return self.policies[role].pick(self.live(role))
+        return self.policies[role].pick(self._fitting(role, need))
+
+    def _fitting(self, role: str, need: int) -> list[WorkerView]:
+        """The live workers of `role` whose KV pool can hold `need` blocks."""
+        live = self.live(role)
+        return [w for w in live if w.kv_blocks_total >= need] if need else live
+
+    def _check_fits(self, prompt_len: int) -> int:
+        """The KV blocks the prompt needs (0 while the block size is unknown). Raises
+        InvalidRequestError when no route has workers whose pools can hold them: such a
+        request would wait for free blocks for ever (a prompt and its first token must fit
+        in one worker's pool, as the scheduler's check on entry says)."""
+        if not self.block_size:
+            return 0
+        need = -(-(prompt_len + 1) // self.block_size)
+        fit = {role for role in ROLES if self._fitting(role, need)}
+        if "colocated" in fit or ("decode" in fit and (
+                "prefill" in fit or self.local_prefill is not None)):
+            return need
+        # name the pool that is too small: the decode workers' unless they are not the problem
+        roles = [r for r in ("colocated", "decode", "prefill") if self.live(r) and r not in fit]
+        role = roles[0] if roles else "decode"
+        largest = max((w.kv_blocks_total for w in self.live(role)), default=0)
+        raise InvalidRequestError(
+            f"the prompt has {prompt_len} tokens and needs {need} KV blocks of "
+            f"{self.block_size} tokens (with its first generated token), but the largest KV "
+            f"cache of a {role} worker holds {largest} blocks ({largest * self.block_size} "
+            "tokens): shorten the prompt, or serve with more KV cache per worker "
+            "(--kv-cache-gb)", param="prompt")
 
     def route(self, request_id: str, prompt_len: int, now: float) -> Track:
         """Choose the request's workers and start tracking it (the caller then sends Generate
@@ -143,18 +172,19 @@ class RouterState:
             raise ServiceUnavailable("no worker is ready to serve (starting, or all died)")
         if self.max_model_len is not None and prompt_len >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {prompt_len} tokens; this model's "
-                                      f"context is {self.max_model_len}")
+                                      f"context is {self.max_model_len}", param="prompt")
+        need = self._check_fits(prompt_len)
         t = Track(request_id, prompt_len)
-        whole = self._pick("colocated")
-        prefill = self._pick("prefill") if whole is None else None
+        whole = self._pick("colocated", need)
+        prefill = self._pick("prefill", need) if whole is None else None
         if whole is None and self.local_prefill is not None:
             # no prefill worker left (all died): the decode workers serve whole requests
-            whole = (self._local_prefill_target(prefill, prompt_len) if prefill is not None
-                     else self._pick("decode"))
+            whole = (self._local_prefill_target(prefill, prompt_len, need) if prefill is not None
+                     else self._pick("decode", need))
         if whole is not None:
             t.worker = whole
         else:
-            t.prefill, t.decode = prefill, self._pick("decode")
+            t.prefill, t.decode = prefill, self._pick("decode", need)
             if t.prefill is None or t.decode is None:
                 raise ServiceUnavailable("no prefill+decode pair is alive")
             t.t_reserve = now
@@ -174,10 +204,10 @@ class RouterState:
                                 (t.worker,) if t.worker else (t.prefill, t.decode), now))
         return t
 
-    def _local_prefill_target(self, prefill: str, prompt_tokens: int) -> str | None:
+    def _local_prefill_target(self, prefill: str, prompt_tokens: int, need: int = 0) -> str | None:
         """A decode worker that should prefill this request itself (see LocalPrefill), or None."""
         return self.local_prefill.pick(prompt_tokens, self.workers[prefill].queued_prompt_tokens,
-                                       self.live("decode"))
+                                       self._fitting("decode", need))
 
     # -- what workers say ------------------------------------------------------------------
     def speaker(self, request_id: str, worker_id: str, outputs: bool = False) -> Track | None:

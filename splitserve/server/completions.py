@@ -66,7 +66,9 @@ class _ClosingStreamingResponse(StreamingResponse):
             await close_quietly(self.body_iterator)
 
 
-def check_context(prompt_len: int, max_tokens: int, max_model_len: int, chat: bool) -> None:
+def check_context(prompt_len: int, max_tokens: int, max_model_len: int, chat: bool,
+                  max_tokens_param: str = "max_tokens") -> None:
+    """`max_tokens_param`: the field the completion's length came from (named by the error)."""
     where = "messages" if chat else "prompt"
     if prompt_len >= max_model_len:
         raise schemas.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
@@ -77,7 +79,7 @@ def check_context(prompt_len: int, max_tokens: int, max_model_len: int, chat: bo
         raise schemas.ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
                          f"However, you requested {prompt_len + max_tokens} tokens ({prompt_len} "
                          f"in the {where}, {max_tokens} in the completion). Please reduce the "
-                         f"length of the {where} or completion.", param="max_tokens",
+                         f"length of the {where} or completion.", param=max_tokens_param,
                          code="context_length_exceeded")
 
 
@@ -109,15 +111,21 @@ class Generation:
     def start(self):
         """Validate against the context, then return the merged (not yet started) stream."""
         b, n = self.body, self.body.num_choices
-        if self.chat:
-            prompts = [self.conductor.encode_chat([m.as_dict() for m in b.messages])]
-        else:
-            prompts = [self.conductor.encode_prompt(p) for p in b.prompts]
+        try:
+            if self.chat:
+                prompts = [self.conductor.encode_chat([m.as_dict() for m in b.messages])]
+            else:
+                prompts = [self.conductor.encode_prompt(p) for p in b.prompts]
+        except InvalidRequestError as e:  # empty, or token ids outside the vocabulary
+            raise error_for(e, self.chat, default_param="prompt") from None
         max_len = self.conductor.max_model_len
+        # the field max_tokens_for took the length from (chat: max_completion_tokens wins)
+        length_param = ("max_completion_tokens" if getattr(b, "max_completion_tokens", None)
+                        is not None else "max_tokens")
         jobs = []
         for p, ids in enumerate(prompts):
             max_tokens = b.max_tokens_for(room=max_len - len(ids))
-            check_context(len(ids), max_tokens, max_len, self.chat)
+            check_context(len(ids), max_tokens, max_len, self.chat, length_param)
             for i in range(n):
                 # seed + i: choice i of a prompt samples the same whether or not it is in a batch
                 params = b.sampling_params(max_tokens=max_tokens, logprobs=b.num_logprobs,
@@ -180,6 +188,9 @@ class Generation:
         except ClientGone:
             self._end("abort")
             return Response(status_code=CLIENT_CLOSED)
+        except InvalidRequestError as e:  # refused by the router (e.g. the KV pools' size)
+            self._end("error")
+            raise error_for(e, self.chat) from None
         except asyncio.CancelledError:
             self._end("abort")
             raise
@@ -246,7 +257,7 @@ class Generation:
         except SplitServeError as e:
             self._end("error")
             log.warning("request %s failed mid-stream: %s", self.id, e)
-            yield sse(error_for(e).body())
+            yield sse(error_for(e, self.chat).body())
         except Exception:
             self._end("error")
             log.exception("request %s: unexpected error mid-stream", self.id)
@@ -259,10 +270,15 @@ class Generation:
         yield SSE_DONE
 
 
-def error_for(e: SplitServeError) -> schemas.ApiError:
-    """The HTTP answer for an error the engine side raised on purpose."""
+def error_for(e: SplitServeError, chat: bool = False,
+              default_param: str | None = None) -> schemas.ApiError:
+    """The HTTP answer for an error the engine side raised on purpose. A chat request's
+    prompt is its `messages`."""
     if isinstance(e, InvalidRequestError):
-        return schemas.ApiError(400, str(e))
+        param = e.param or default_param
+        if chat and param == "prompt":
+            param = "messages"
+        return schemas.ApiError(400, str(e), param=param)
     if isinstance(e, ServiceUnavailable):
         return schemas.ApiError(503, str(e), type="service_unavailable_error")
     return schemas.ApiError(500, str(e) or type(e).__name__, type="server_error")

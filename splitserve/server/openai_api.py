@@ -12,6 +12,7 @@ Every error is OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`, 
     401 invalid_api_key        api_key set and `Authorization: Bearer <key>` missing or wrong
                                (/v1/* only: health checks and scrapers need no key)
     404 model_not_found        `model` given and not the served name
+    413 request_too_large      a body over max_body_bytes (body_limit.py), refused unparsed
     503                        no workers yet (or none able to serve); serve is draining (SIGTERM:
                                every /v1/* request, before its body is read); a request still
                                running when the drain timed out (drain.py)
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from splitserve.errors import SplitServeError
+from splitserve.server.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from splitserve.server.completions import Generation, MsgspecJSONResponse, error_for
 from splitserve.server.metrics import ApiMetrics
 from splitserve.server.schemas import (
@@ -44,10 +46,13 @@ from splitserve.server.schemas import (
 log = logging.getLogger(__name__)
 
 
-def build_app(conductor, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(conductor, served_model_name: str, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="splitserve", summary="OpenAI-compatible disaggregated LLM serving")
     metrics = ApiMetrics(conductor)
     t_started = int(time.time())
+    # innermost: the checks outside it refuse without reading the body
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.state.conductor, app.state.metrics = conductor, metrics
     app.state.draining = False  # set by serve's SIGTERM (drain.py); never cleared
     if api_key:
@@ -179,7 +184,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return answer(ApiError(exc.status_code, str(exc.detail), type=kind))
+        detail = str(exc.detail)
+        if detail == "There was an error parsing the body":  # FastAPI's, for what json.loads raised
+            detail = ("The request body could not be parsed as JSON: it must be UTF-8, nested "
+                      "less than ~1000 levels deep, with no integer of over 4300 digits.")
+        return answer(ApiError(exc.status_code, detail, type=kind))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):

@@ -5,6 +5,12 @@ Where OpenAI, vLLM and this server differ, and why:
   choices each answers P*n choices, choice index = prompt_index * n + i (OpenAI's order).
 - stop: at most MAX_STOP strings. OpenAI allows 4 and vLLM any number; evaluation harnesses send
   more than 4, and every stop string is matched against each new token's text, hence a bound.
+  An empty list is no stop strings; an empty string is refused.
+- A batch of prompts times n is at most MAX_CHOICES choices: each is a request in flight.
+- seed is a 64-bit signed integer (as vLLM; negative seeds are fine), top_k and stop_token_ids
+  at most 2**63 - 1: larger integers cannot cross the workers' sockets.
+- Text must be valid Unicode: a lone surrogate (JSON "\\ud800") is refused where it entered,
+  since no tokenizer or UTF-8 encoder can take it.
 - Features this server does not have (echo, suffix, logit_bias, best_of != n, non-zero penalties,
   tools, non-text content parts, a response_format other than text) are refused with a 400 naming
   the field rather than ignored: ignoring them would answer something the client did not ask for.
@@ -17,13 +23,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from splitserve.request import MAX_LOGPROBS, SamplingParams
@@ -31,9 +38,25 @@ from splitserve.request import MAX_LOGPROBS, SamplingParams
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict()]  # an integer is still a number
 StrictBool = Annotated[bool, Strict()]
-StrictStr = Annotated[str, Strict()]
 
+
+def valid_unicode(v: str) -> str:
+    """v, unless it holds a lone surrogate (JSON allows "\\ud800"; UTF-8 and tokenizers do not)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text: character {e.start} is a lone surrogate "
+                         f"({v[e.start]!r})") from None
+    return v
+
+
+StrictStr = Annotated[str, Strict(), AfterValidator(valid_unicode)]
+# in a union, whose validator checks the text itself (a union's error would name its members)
+UncheckedStr = Annotated[str, Strict()]
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's bound on n
+MAX_CHOICES = 2048  # prompts x n in one request
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # JSON has no -inf; a token the model rules out entirely is reported with this logprob (as vLLM).
@@ -86,10 +109,10 @@ class _GenerationRequest(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=-1)  # extension: 0 or -1 = off
+    top_k: StrictInt | None = Field(None, ge=-1, le=I64_MAX)  # extension: 0 or -1 = off
     n: StrictInt | None = Field(1, ge=1, le=MAX_N)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: UncheckedStr | list[UncheckedStr] | None = None
+    seed: StrictInt | None = Field(None, ge=I64_MIN, le=I64_MAX)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: StrictFloat | None = None
@@ -98,17 +121,23 @@ class _GenerationRequest(BaseModel):
     user: StrictStr | None = None  # accepted and ignored
     # vLLM extensions
     ignore_eos: StrictBool | None = False
-    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Strict(), Field(ge=0, le=I64_MAX)]] | None = None
     include_stop_str_in_output: StrictBool | None = False
 
-    @field_validator("stop")
+    @field_validator("stop", mode="wrap")
     @classmethod
-    def _stop(cls, v):
+    def _stop(cls, v, handler):
+        try:
+            v = handler(v)
+        except ValidationError:
+            raise ValueError("must be a string or a list of strings") from None
         stops = [v] if isinstance(v, str) else v or []
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings are supported, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        for s in stops:
+            valid_unicode(s)
         return v
 
     _no_penalty = _refused("presence_penalty", "frequency_penalty",
@@ -116,11 +145,12 @@ class _GenerationRequest(BaseModel):
 
     _no_logit_bias = _refused("logit_bias", why="logit_bias is not supported by this server")
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self):
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options can only be given together with stream=true")
-        return self
+        return v
 
     @property
     def num_choices(self) -> int:
@@ -148,7 +178,8 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    # text checked below (valid_unicode), so that one message names the prompt at fault
+    prompt: str | list[StrictInt] | list[Annotated[str, Strict()]] | list[list[StrictInt]]
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool | None = False
     suffix: StrictStr | None = None
@@ -156,7 +187,7 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("prompt", mode="wrap")
     @classmethod
-    def _prompt(cls, v, handler):
+    def _prompt(cls, v, handler, info: ValidationInfo):
         # One message instead of one per member of the union.
         try:
             v = handler(v)
@@ -165,17 +196,32 @@ class CompletionRequest(_GenerationRequest):
                              "token-id lists (a batch)") from None
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
+        batch = v if isinstance(v, list) and not isinstance(v[0], int) else [v]
+        for i, p in enumerate(batch):
+            where = f"prompt {i} of the batch " if len(batch) > 1 else ""
+            if isinstance(p, str):
+                try:
+                    valid_unicode(p)
+                except ValueError as e:
+                    raise ValueError(f"{where}{e}") from None
+            elif not p:
+                raise ValueError(f"{where}must not be an empty list of token ids")
+        n = info.data.get("n") or 1
+        if len(batch) * n > MAX_CHOICES:
+            raise ValueError(f"{len(batch)} prompts x n={n} is more than {MAX_CHOICES} choices "
+                             "in one request; send fewer prompts at once")
         return v
 
     _no_echo = _refused("echo", why="echo=true is not supported by this server")
 
     _no_suffix = _refused("suffix", why="suffix is not supported by this server")
 
-    @model_validator(mode="after")
-    def _best_of(self):
-        if self.best_of not in (None, self.num_choices):
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info: ValidationInfo):
+        if v not in (None, info.data.get("n") or 1):
             raise ValueError("best_of is not supported by this server (only best_of = n)")
-        return self
+        return v
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -199,7 +245,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: StrictStr
-    content: StrictStr | list[dict[str, Any]] | None = None
+    content: UncheckedStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None
 
     @field_validator("role")
@@ -209,11 +255,15 @@ class ChatMessage(BaseModel):
             raise ValueError(f"must be one of {', '.join(CHAT_ROLES)}, got {v!r}")
         return v
 
-    @field_validator("content")
+    @field_validator("content", mode="wrap")
     @classmethod
-    def _text_only(cls, v):
+    def _text_only(cls, v, handler):
+        try:
+            v = handler(v)
+        except ValidationError:
+            raise ValueError("must be a string or a list of content parts") from None
         if v is None or isinstance(v, str):
-            return v or ""
+            return valid_unicode(v or "")
         texts = []
         for part in v:
             if part.get("type") != "text":
@@ -221,7 +271,7 @@ class ChatMessage(BaseModel):
                                  f"{part.get('type')!r}")
             if not isinstance(part.get("text"), str):
                 raise ValueError("a text content part needs a string 'text'")
-            texts.append(part["text"])
+            texts.append(valid_unicode(part["text"]))
         return "\n".join(texts)
 
     def as_dict(self) -> dict:
@@ -248,11 +298,12 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("only the 'text' response format is supported by this server")
         return v
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs=true")
-        return self
+        return v
 
     def max_tokens_for(self, room: int) -> int:
         """`room`: what the prompt leaves of the context, the default (as vLLM).
