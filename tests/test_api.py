@@ -26,7 +26,8 @@ WORKERS = [
      "kv_transfer_seconds": 0.25, "kv_transfers": 3},
     {"worker_id": "d0", "role": "decode", "running": 3, "waiting": 0, "kv_blocks_used": 9,
      "kv_blocks_total": 128, "kv_bytes_sent": 0, "kv_bytes_received": 4096,
-     "kv_transfer_seconds": 0.5, "kv_transfers": 3},
+     "kv_transfer_seconds": 0.5, "kv_transfers": 3, "steps": 40, "aborts": 2, "step_errors": 1,
+     "integrity_errors": 4},
 ]
 
 
@@ -305,6 +306,8 @@ def test_metrics(fake):
     assert 'splitserve_kv_transfer_bytes_total{direction="received",role="decode",worker_id="d0"} 4096.0' in text
     assert 'splitserve_kv_transfer_seconds_total{role="decode",worker_id="d0"} 0.5' in text
     assert 'splitserve_kv_transfers_total{role="prefill",worker_id="p0"} 3.0' in text
+    for name, v in (("steps", 40), ("aborts", 2), ("step_errors", 1), ("integrity_errors", 4)):
+        assert f'splitserve_worker_{name}_total{{role="decode",worker_id="d0"}} {v}.0' in text
     assert "splitserve_time_to_first_token_seconds_count 0.0" in other.get("/metrics").text
 
 

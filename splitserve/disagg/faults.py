@@ -1,8 +1,12 @@
 """Fault injection for the reliability tests: SPLITSERVE_FAULTS makes a worker misbehave on
 purpose, on requests that carry a marker token, so a test can aim a fault at one request.
 
-    SPLITSERVE_FAULTS="step_error:TOKEN"   every step that schedules a request whose prompt
-                                           holds token id TOKEN raises inside the forward
+    SPLITSERVE_FAULTS="step_error:TOKEN"   a step raises inside its forward when it computes
+                                           a request's tokens up to or past the first place
+                                           token id TOKEN stands in its prompt (so a marker
+                                           mid-prompt fails a later chunk of a chunked prefill,
+                                           after the earlier chunks ran; any decode step of
+                                           that request fails too)
     SPLITSERVE_FAULTS="step_error:TOKEN@ROLE"   the same, only on workers of that role
 
 Several faults are separated by commas. Unset (the default), nothing is installed and the
@@ -40,7 +44,9 @@ def install(engine, role: str) -> None:
 
     def before_forward(out) -> None:
         for ch in out.chunks:
-            if poison.intersection(ch.request.prompt_token_ids):
+            prompt = ch.request.prompt_token_ids
+            at = min((prompt.index(t) for t in poison if t in prompt), default=None)
+            if at is not None and ch.start + ch.num_new_tokens > at:
                 raise InjectedFault(f"injected step error ({ch.request.request_id})")
 
     engine.before_forward = before_forward

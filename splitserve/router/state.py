@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve.errors import InvalidRequestError, ServiceUnavailable
+from splitserve.errors import IntegrityError, InvalidRequestError, ServiceUnavailable
 from splitserve.router.policies import LeastLoaded, LocalPrefill
 
 ROLES = ("colocated", "prefill", "decode")
@@ -287,7 +287,7 @@ class RouterState:
             t.views[t.prefill].queued_prompt_tokens -= t.prompt_len
 
     def check_loads(self) -> None:
-        """Raise AssertionError unless every worker's load counters equal what its requests
+        """Raise IntegrityError unless every worker's load counters equal what its requests
         in flight add up to (the definitions the counters are kept by)."""
         for w in self.workers.values():
             wid = w.worker_id
@@ -295,6 +295,6 @@ class RouterState:
             queued = sum(t.prompt_len for t in tracks if t.prefill == wid and not t.admitted)
             own = sum(t.prompt_len for t in tracks if t.worker == wid and not t.first_token)
             decoding = sum(1 for t in tracks if wid in (t.decode, t.worker) and t.first_token)
-            assert (w.queued_prompt_tokens, w.prefill_tokens, w.decoding) == (
-                queued, own, decoding), f"{wid}: loads {w} vs {queued}, {own}, {decoding}"
+            if (w.queued_prompt_tokens, w.prefill_tokens, w.decoding) != (queued, own, decoding):
+                raise IntegrityError(f"{wid}: loads {w} vs {queued}, {own}, {decoding}")
 
