@@ -49,7 +49,17 @@ def offline(real_model_path):
                 text += o.new_text
         return text
 
+    def tokens(prompt_ids: list[int], max_tokens: int) -> list[int]:
+        rid = eng.add_request(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                         ignore_eos=True))
+        out = []
+        while eng.has_unfinished():
+            out = [o.token_ids for o in eng.step() if o.request_id == rid] or out
+        return out[0] if out else []
+
     run.encode = eng.encode
+    run.tokens = tokens
+    run.decode = lambda ids: eng.tokenizer.decode(ids)
     return run
 
 
@@ -174,5 +184,36 @@ def test_a_request_aborted_while_queued_at_the_prefill_worker_is_dropped_there(o
         assert a_out[0].json()["choices"][0]["text"] == offline(a_ids, 8)
         ws = _by_role(_all_idle_and_clean(srv))
         assert ws["prefill"]["aborts"] == 1 and ws["decode"]["steps"] > 0, ws
+    finally:
+        srv.close()
+
+
+def test_a_stop_string_spanning_the_hand_over_cuts_where_the_offline_engine_does(offline):
+    """The first token comes from the prefill worker, the next from the decode worker: a stop
+    string made of the end of the one and the start of the other must still be found."""
+    ids = offline.encode(OTHER)
+    full = offline(ids, 6)
+    tok = offline.tokens(ids, 2)
+    first, second = offline.decode(tok[:1]), offline.decode(tok[:2])[len(offline.decode(tok[:1])):]
+    assert first and second and full.startswith(first + second), (first, second)
+    stop = first[-1:] + second[:1]
+    srv = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
+    try:
+        for stream in (False, True):
+            body = {"model": "default", "prompt": ids, "max_tokens": 6, "temperature": 0,
+                    "stop": [stop], "stream": stream}
+            if stream:
+                with httpx.Client(timeout=120) as h, \
+                        h.stream("POST", srv.base_url + "/completions", json=body) as r:
+                    import json
+                    evs = [json.loads(line[6:]) for line in r.iter_lines()
+                           if line.startswith("data: {")]
+                text = "".join(c["text"] for e in evs for c in e["choices"])
+                reason = [c["finish_reason"] for e in evs for c in e["choices"]][-1]
+            else:
+                r = httpx.post(srv.base_url + "/completions", timeout=120, json=body)
+                text, reason = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+            assert (text, reason) == (first[:-1], "stop"), (text, reason, stop)
+        _all_idle_and_clean(srv)
     finally:
         srv.close()
