@@ -32,7 +32,8 @@ def test_health_waits_for_every_started_worker_and_counts_one_that_died_unregist
             p.returncode = 1
         c._reap_unregistered()
         assert c.health() | {"workers": []} == {"status": "unavailable", "starting": [], "workers": [],
-                                                "dead": ["decode-2", "prefill-0", "decode-1"]}
+                                                "dead": ["decode-2", "prefill-0", "decode-1"],
+                                                "restarting": {}}
     finally:
         c.ctx.term()
 
@@ -143,3 +144,65 @@ def test_a_prompt_no_worker_pool_can_hold_is_refused_and_one_some_can_goes_there
         s.route("r", 64, 0.0)
     s.block_size = None  # not known (the simulator's deployments): not checked
     assert s.route("r", 64, 0.0).worker == "c0"
+
+
+def test_a_worker_back_under_its_id_is_a_new_epoch_and_nothing_of_its_old_life_counts():
+    """Each registration of a worker id is a new incarnation (epoch 1, 2, ...) with empty
+    loads; what the old incarnation says (late heartbeats, outputs, reservations, failures)
+    is ignored, the new one never speaks for the old one's requests, and the aborts of those
+    requests go to no incarnation of it."""
+    from splitserve.router.state import AbortTo, RouterState
+
+    s = RouterState()
+    p, d = s.add_worker("p0", "prefill", 100, 0.0), s.add_worker("d0", "decode", 100, 0.0)
+    assert (p.epoch, d.epoch) == (1, 1)
+    s.route("a", 50, 0.0)  # P/D: p0 -> d0, admitted and decoding at d0
+    assert s.on_reserved("a", "d0", 0.0, epoch=1) == "p0"
+    s.prefill_sent("a", True)
+    assert s.on_output("a", "d0", True, epoch=1) is not None
+    s.route("b", 40, 0.0)  # Reserve sent, no answer yet
+    assert s.heartbeat("d0", 7, 1.0, epoch=1) and d.kv_blocks_used == 7
+
+    assert sorted(s.worker_died("d0")) == ["a", "b"]
+    assert s.dead == ["d0"] and not s.heartbeat("d0", 3, 2.0, epoch=1)
+    d2 = s.add_worker("d0", "decode", 100, 3.0)
+    assert d2.epoch == 2 and d2 is s.workers["d0"] and s.dead == [] and s.epochs["d0"] == 2
+    assert (d2.requests, d2.queued_prompt_tokens, d2.prefill_tokens, d2.decoding,
+            d2.kv_blocks_used) == (set(), 0, 0, 0, 0)
+    # late messages of the old incarnation
+    assert not s.heartbeat("d0", 9, 4.0, epoch=1) and (d2.kv_blocks_used, d2.last_seen) == (0, 3.0)
+    assert s.on_output("a", "d0", False, epoch=1) is None
+    assert s.on_reserved("b", "d0", 4.0, epoch=1) is None
+    assert s.speaker("a", "d0", epoch=1) is None
+    # the new incarnation never had them
+    assert s.on_output("a", "d0", False, epoch=2) is None and s.on_output("a", "d0", False) is None
+    assert s.on_reserved("b", "d0", 4.0, epoch=2) is None and s.speaker("b", "d0") is None
+    assert s.abort_plan("a") == [] and s.abort_plan("b") == []
+    s.check_loads()
+    for rid in ("a", "b"):
+        s.finish(rid)
+    s.check_loads()
+    assert (d2.decoding, p.queued_prompt_tokens, p.requests) == (0, 0, set())
+    assert s.heartbeat("d0", 2, 5.0, epoch=2) and d2.kv_blocks_used == 2
+
+    # the prefill worker dies mid-transfer and comes back: its requests' Reserved and failures
+    # are no one's to answer, and the decode worker's blocks need no fence (no writer is left)
+    s.route("x", 30, 6.0)
+    assert s.on_reserved("x", "d0", 6.0, epoch=2) == "p0"
+    s.prefill_sent("x", True)
+    assert s.abort_plan("x") == [AbortTo("p0", decode_peer="d0"), AbortTo("d0", fenced=True)]
+    s.route("y", 20, 6.0)
+    assert sorted(s.worker_died("p0")) == ["x", "y"]
+    p2 = s.add_worker("p0", "prefill", 100, 7.0)
+    assert p2.epoch == 2 and p2.queued_prompt_tokens == 0 and p2.requests == set()
+    assert s.on_reserved("y", "d0", 7.0, epoch=2) is None  # not sent to the new p0
+    assert s.speaker("x", "p0", epoch=1) is None and s.speaker("x", "p0", epoch=2) is None
+    assert s.abort_plan("x") == [AbortTo("d0", fenced=False)]
+    s.check_loads()
+    for rid in ("x", "y"):
+        s.finish(rid)
+    t = s.route("z", 10, 8.0)  # the new incarnations serve
+    assert (t.prefill, t.decode) == ("p0", "d0")
+    assert s.on_reserved("z", "d0", 8.0, epoch=2) == "p0"
+    assert p2.queued_prompt_tokens == 10 and p.queued_prompt_tokens == 0
+    s.check_loads()

@@ -194,7 +194,7 @@ def test_an_idle_decode_worker_prefills_a_queued_request_itself(real_model_path,
 
 
 def test_with_its_prefill_worker_dead_the_decode_worker_serves_whole_requests(real_model_path, offline):
-    s = Server("--kv-cache-gb", "0.08")
+    s = Server("--kv-cache-gb", "0.08", "--max-restarts", "0")  # it stays dead
     try:
         pre = s.workers("prefill")[0]
         os.kill(pre["pid"], signal.SIGKILL)
@@ -210,7 +210,7 @@ def test_with_its_prefill_worker_dead_the_decode_worker_serves_whole_requests(re
 
 
 def test_a_killed_decode_worker_fails_its_requests_quickly_and_the_rest_are_served(real_model_path):
-    s = Server("--prefill", "1", "--decode", "2")
+    s = Server("--prefill", "1", "--decode", "2", "--max-restarts", "0")  # it stays dead
     try:
         assert len(s.workers("decode")) == 2, s.health()  # "ok" waits for every worker
         c = _client(s)

@@ -8,6 +8,10 @@ purpose, on requests that carry a marker token, so a test can aim a fault at one
                                            after the earlier chunks ran; any decode step of
                                            that request fails too)
     SPLITSERVE_FAULTS="step_error:TOKEN@ROLE"   the same, only on workers of that role
+    SPLITSERVE_FAULTS="exit_at_start@ROLE"     a worker of that role (every worker without
+                                           @ROLE) exits with code 3 as soon as it starts,
+                                           before loading the model: a crash loop, for
+                                           serve's restart backoff
 
 Several faults are separated by commas. Unset (the default), nothing is installed and the
 forward runs untouched."""
@@ -15,6 +19,7 @@ forward runs untouched."""
 from __future__ import annotations
 
 import os
+import sys
 
 from splitserve.errors import SplitServeError
 
@@ -25,20 +30,36 @@ class InjectedFault(RuntimeError):
     """Raised by an injected fault (never by real code)."""
 
 
+EXIT_AT_START_CODE = 3
+
+
 def parse(spec: str) -> list[tuple[str, int, str | None]]:
+    """(kind, token (0 for exit_at_start), role or None) per fault."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, _, arg = item.partition(":")
-        arg, _, role = arg.partition("@")
+        head, _, role = item.partition("@")
+        kind, _, arg = head.partition(":")
+        if kind == "exit_at_start" and not arg:
+            out.append((kind, 0, role or None))
+            continue
         if kind != "step_error" or not arg.lstrip("-").isdigit():
-            raise SplitServeError(f"{ENV}: cannot read {item!r} (expected step_error:TOKEN[@ROLE])")
+            raise SplitServeError(f"{ENV}: cannot read {item!r} (expected step_error:TOKEN[@ROLE] "
+                                  "or exit_at_start[@ROLE])")
         out.append((kind, int(arg), role or None))
     return out
 
 
+def exit_at_start(role: str) -> None:
+    """Exit the process at once when an exit_at_start fault names this role."""
+    if any(k == "exit_at_start" and r in (None, role) for k, _, r in parse(os.environ.get(ENV, ""))):
+        print(f"{ENV}: injected exit at start ({role} worker)", file=sys.stderr, flush=True)
+        os._exit(EXIT_AT_START_CODE)
+
+
 def install(engine, role: str) -> None:
     """Hook the faults named in the environment into `engine` (an LLMEngine) of a worker."""
-    poison = {tok for _, tok, r in parse(os.environ.get(ENV, "")) if r in (None, role)}
+    poison = {tok for k, tok, r in parse(os.environ.get(ENV, ""))
+              if k == "step_error" and r in (None, role)}
     if not poison:
         return
 

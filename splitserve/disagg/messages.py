@@ -7,10 +7,14 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
 
     worker                      router
       Register  ──────────────►         (model, KV spec, role, where its KV can be written)
-                ◄──────────────  Welcome (accepted, or refused with a reason)
+                ◄──────────────  Welcome (accepted with an epoch, or refused with a reason)
       Heartbeat ──────────────►         (every ~0.5 s, own thread and socket: load, KV stats)
                 ◄──────────────  Ping    (renews the worker's lease; Shutdown to a worker
                                           already declared dead)
+
+    The epoch numbers the registrations of one worker id (a worker restarted by serve comes
+    back under its id): the worker sends it on everything it sends the router, which ignores
+    what any other incarnation says.
 
     colocated:  Generate ─► worker ─► Outputs ... (last one finished) ─► router
     P/D:        Reserve ─► decode ─► Reserved(block ids) ─► router ─► Prefill(peer, block ids)
@@ -100,6 +104,7 @@ class DecodePeer(msgspec.Struct, frozen=True):
     kv: KVSpec
     num_blocks: int
     shm_path: str | None = None  # the decode worker's KV pool, when it lives in shared memory
+    epoch: int = 0  # its incarnation (Welcome.epoch): a new one has a new socket and pool
 
 
 # -- control plane ------------------------------------------------------------------------
@@ -125,6 +130,10 @@ class Welcome(msgspec.Struct, tag=True):
     # (the router declares a silent worker dead after twice this, and the decode workers
     # then free the blocks it was writing).
     lease_s: float = 5.0
+    # This registration's incarnation of the worker id: 1 at its first registration, one more
+    # at each later one (a restarted process). The worker puts it on every message it sends
+    # the router, which drops messages of any other incarnation.
+    epoch: int = 0
 
 
 class Ping(msgspec.Struct, tag=True):
@@ -136,6 +145,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     "<worker id>/hb"), so that a long engine step does not look like a dead worker."""
 
     stats: WorkerStats
+    epoch: int = 0
 
 
 class Generate(msgspec.Struct, tag=True):
@@ -159,6 +169,7 @@ class Reserve(msgspec.Struct, tag=True):
 class Reserved(msgspec.Struct, tag=True):
     request_id: str
     block_ids: list[int]
+    epoch: int = 0  # the sender's incarnation (Welcome.epoch); so are Outputs' and Failed's
 
 
 class Prefill(msgspec.Struct, tag=True):
@@ -190,7 +201,7 @@ class PeerGone(msgspec.Struct, tag=True):
 
 
 class Shutdown(msgspec.Struct, tag=True):
-    pass
+    epoch: int = 0  # only that incarnation stops (0: whichever gets it)
 
 
 class Handover(msgspec.Struct):
@@ -222,11 +233,13 @@ class Delta(msgspec.Struct):
 
 class Outputs(msgspec.Struct, tag=True):
     items: list[Delta]
+    epoch: int = 0
 
 
 class Failed(msgspec.Struct, tag=True):
     request_id: str
     message: str
+    epoch: int = 0
 
 
 # -- data plane -----------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class Worker:
         # the lease: a prefill worker writes KV only while the router answers its heartbeats
         self.lease_s = 5.0
         self.router_seen = time.monotonic()
+        self.epoch = 0  # this incarnation of worker_id, as the router's Welcome numbers it
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.stats = M.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
@@ -192,6 +193,7 @@ class Worker:
         if not isinstance(msg, M.Welcome) or not msg.accepted:
             raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
         self.lease_s = msg.lease_s
+        self.epoch = msg.epoch
         self.router_seen = time.monotonic()
 
     def close(self) -> None:
@@ -258,7 +260,7 @@ class Worker:
         try:
             while self.running:
                 try:
-                    sock.send(M.encode(M.Heartbeat(self.stats)), zmq.NOBLOCK)
+                    sock.send(M.encode(M.Heartbeat(self.stats, self.epoch)), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 deadline = time.monotonic() + HEARTBEAT_S
@@ -271,7 +273,7 @@ class Worker:
                         continue
                     if isinstance(msg, M.Ping):
                         self.router_seen = time.monotonic()
-                    elif isinstance(msg, M.Shutdown):
+                    elif isinstance(msg, M.Shutdown) and msg.epoch in (0, self.epoch):
                         log.error("the router declared this worker dead; exiting")
                         self.router_seen = float("-inf")
                         self.running = False
@@ -286,6 +288,8 @@ class Worker:
         return time.monotonic() - self.router_seen < self.lease_s
 
     def _send(self, msg) -> None:
+        if not isinstance(msg, M.Register):
+            msg.epoch = self.epoch  # the router ignores what another incarnation says
         self.ctrl.send(M.encode(msg))
 
     def _fail(self, request_id: str, message: str) -> None:
@@ -338,7 +342,8 @@ class Worker:
                     self._fail(rid, f"{type(msg).__name__} failed on {self.worker_id}: {e}")
 
     def _on_shutdown(self, msg: M.Shutdown) -> None:
-        self.running = False
+        if msg.epoch in (0, self.epoch):  # (one meant for a previous incarnation is not ours)
+            self.running = False
 
     def _on_generate(self, msg: M.Generate) -> None:
         """The whole request here: a co-located worker's, or a decode worker's own prefill."""
@@ -380,6 +385,8 @@ class Worker:
         if s is not None:
             s.close()
             self._retired.append(s)
+        if self.receiver is not None:  # nothing more from its connections is looked at
+            self.receiver.forget(msg.worker_id)
         # the requests this worker was writing to it, or it to this one
         for rid in self.prefill_side.drop_peer(msg.worker_id) + self.decode_side.on_peer_gone(msg.worker_id):
             self.engine.abort_request(rid)
@@ -387,6 +394,14 @@ class Worker:
     # -- prefill role ----------------------------------------------------------------------
     def _sender(self, peer: M.DecodePeer) -> KVSender:
         s = self.senders.get(peer.worker_id)
+        if s is not None and self.peers.get(peer.worker_id, peer) != peer:
+            # a new incarnation of that decode worker (restarted: a new data socket and pool)
+            # whose predecessor's PeerGone did not reach us: what was written to the old one
+            # is lost, and the connection to it goes
+            log.warning("decode worker %s is a new incarnation (epoch %d); reconnecting",
+                        peer.worker_id, peer.epoch)
+            self._on_peer_gone(M.PeerGone(peer.worker_id))
+            s = None
         if s is None:
             t = self.cfg.kv_transport
             same_host = peer.host == self.host and peer.shm_path is not None
@@ -399,6 +414,7 @@ class Worker:
                 from splitserve.disagg.transfer.tcp import TcpSender as cls
             s = cls(self.ctx, self.worker_id, peer, self.spec, self.engine.kv_cache)
             self.senders[peer.worker_id] = s
+            self.peers[peer.worker_id] = peer
         return s
 
     def _on_prefill(self, msg: M.Prefill) -> None:

@@ -51,7 +51,8 @@ class WorkerHandle:
     @property
     def peer(self) -> M.DecodePeer:
         i = self.info
-        return M.DecodePeer(i.worker_id, i.data_addr or "", i.host, i.kv, i.num_blocks, i.shm_path)
+        return M.DecodePeer(i.worker_id, i.data_addr or "", i.host, i.kv, i.num_blocks, i.shm_path,
+                            self.view.epoch)
 
 
 @dataclass
@@ -85,6 +86,10 @@ class Conductor:
         self.addr = ""
         self._stopping = False
         self._procs: dict[str, subprocess.Popen] = {}
+        self._restarts: dict[str, int] = {}  # how often serve started each worker again
+        # workers down that serve will start again (server/supervisor.py keeps this): worker
+        # id -> {"restarts", "delay_s" (the backoff before its next start), "exit_code"}
+        self.restarting: dict[str, dict] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock = None
 
@@ -135,11 +140,24 @@ class Conductor:
         self.sock.close(linger=0)
         self.ctx.term()
 
-    def attach_process(self, worker_id: str, proc: subprocess.Popen) -> None:
-        """A worker this process started: its exit is noticed at once, not by heartbeat."""
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def attach_process(self, worker_id: str, proc: subprocess.Popen, restarts: int = 0) -> None:
+        """A worker this process started (`restarts`: started again that often after its
+        process exited): its exit is noticed at once, not by heartbeat."""
         self._procs[worker_id] = proc
-        if worker_id in self.workers:
-            self.workers[worker_id].proc = proc
+        self._restarts[worker_id] = restarts
+        w = self.workers.get(worker_id)
+        if w is not None and w.proc is None:  # (a restarted one's registration makes a new handle)
+            w.proc = proc
+
+    def declared_dead(self, worker_id: str, proc: subprocess.Popen) -> bool:
+        """The router gave up on this process of worker_id (silent too long) though it has
+        not exited."""
+        w = self.workers.get(worker_id)
+        return w is not None and w.proc is proc and not w.alive
 
     # -- what the API asks -------------------------------------------------------------------
     @property
@@ -180,8 +198,9 @@ class Conductor:
 
     def status(self) -> str:
         """"starting" until every worker this process started has registered (or died) and
-        requests can be served; then "ok", or "degraded" once a worker has died; "unavailable"
-        when the workers left cannot serve."""
+        requests can be served; then "ok", or "degraded" while a worker is down (it died, or
+        never came up, and has not registered again: serve may be restarting it);
+        "unavailable" when the workers up cannot serve."""
         starting = bool(self.starting())
         if self.is_ready() and not starting:
             return "ok" if not self.dead else "degraded"
@@ -189,9 +208,11 @@ class Conductor:
 
     def health(self) -> dict:
         return {"status": self.status(), "starting": self.starting(), "workers": [
-            {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive,
+            {**self._worker_row(w), "pid": w.info.pid, "alive": w.alive, "epoch": w.view.epoch,
+             "restarts": self._restarts.get(w.info.worker_id, 0),
              "outstanding": len(w.view.requests), "kv_transport": w.info.transport}
-            for w in self.workers.values()], "dead": list(self.dead)}
+            for w in self.workers.values()], "dead": list(self.dead),
+            "restarting": {wid: dict(r) for wid, r in self.restarting.items() if wid in self.dead}}
 
     def worker_stats(self) -> list[dict]:
         return [self._worker_row(w) for w in self.workers.values() if w.alive]
@@ -285,23 +306,23 @@ class Conductor:
             self._register(wid, msg)
             return
         w = self.workers.get(wid)
-        if w is None or not w.alive:
-            return
+        if w is None or not w.alive or msg.epoch != w.view.epoch:
+            return  # (another epoch: sent by a previous incarnation, arriving late)
         match msg:
             case M.Outputs():
                 for d in msg.items:
-                    t = self.state.on_output(d.request_id, wid, d.handover is not None)
+                    t = self.state.on_output(d.request_id, wid, d.handover is not None, msg.epoch)
                     if t is None:
                         continue  # only the worker serving this leg may speak for it
                     if d.handover is not None:
                         d.handover.reserve_seconds = t.reserve_seconds
                     self._streams[d.request_id].queue.put_nowait(d)
             case M.Failed():
-                if self.state.speaker(msg.request_id, wid) is not None:
+                if self.state.speaker(msg.request_id, wid, epoch=msg.epoch) is not None:
                     self._fail(msg.request_id, msg.message)
             case M.Reserved():
                 rid = msg.request_id
-                prefill = self.state.on_reserved(rid, wid, time.monotonic())
+                prefill = self.state.on_reserved(rid, wid, time.monotonic(), msg.epoch)
                 if prefill is None:
                     self._send(wid, M.Abort(rid))  # nobody will write these blocks
                     return
@@ -313,13 +334,14 @@ class Conductor:
         w = self.workers.get(hb_ident[:-3])
         if w is None or not isinstance(msg, M.Heartbeat):
             return  # not registered (yet): no lease
-        if not w.alive:
-            # declared dead but still talking (it was stalled): it must not come back to life
-            # with stale work, and its lease must not be renewed
-            self._raw_send(hb_ident, M.Shutdown())
+        if not self.state.heartbeat(w.info.worker_id, msg.stats.kv_blocks_used,
+                                    time.monotonic(), msg.epoch):
+            # declared dead but still talking (it was stalled), or a previous incarnation: it
+            # must not come back to life with stale work, and its lease must not be renewed.
+            # The Shutdown names its epoch: a newer incarnation that gets it stays.
+            self._raw_send(hb_ident, M.Shutdown(msg.epoch))
             return
         w.stats = msg.stats
-        self.state.heartbeat(w.info.worker_id, msg.stats.kv_blocks_used, time.monotonic())
         self._raw_send(hb_ident, M.Ping())
 
     def _raw_send(self, ident: str, msg, request_id: str | None = None) -> bool:
@@ -375,25 +397,32 @@ class Conductor:
         view = self.state.add_worker(wid, msg.role, msg.num_blocks, time.monotonic())
         self.workers[wid] = WorkerHandle(msg, view, proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks
-        self._send(wid, M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2))
-        log.info("worker %s (%s, pid %d) registered", wid, msg.role, msg.pid)
+        self._send(wid, M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2, epoch=view.epoch))
+        log.log(logging.WARNING if view.epoch > 1 else logging.INFO,
+                "worker %s (%s, pid %d) registered, epoch %d", wid, msg.role, msg.pid, view.epoch)
 
     # -- failure detection -------------------------------------------------------------------
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(0.1)
-            self._reap_unregistered()
-            now = time.monotonic()
-            silent = set(self.state.silent(now, self.heartbeat_timeout_s))
-            for w in list(self.workers.values()):
-                if not w.alive:
-                    continue
-                exited = w.proc is not None and w.proc.poll() is not None
-                if exited or w.info.worker_id in silent:
-                    why = (f"exited with code {w.proc.returncode}" if exited else
-                           f"silent for {now - w.view.last_seen:.1f} s")
-                    if not self._stopping:
-                        self._worker_died(w, why)
+            self.check_workers()
+
+    def check_workers(self) -> None:
+        """Declare dead the workers whose process exited or that fell silent (serve's
+        supervisor calls this too before it starts an exited worker again: the old
+        incarnation's requests fail first)."""
+        self._reap_unregistered()
+        now = time.monotonic()
+        silent = set(self.state.silent(now, self.heartbeat_timeout_s))
+        for w in list(self.workers.values()):
+            if not w.alive:
+                continue
+            exited = w.proc is not None and w.proc.poll() is not None
+            if exited or w.info.worker_id in silent:
+                why = (f"exited with code {w.proc.returncode}" if exited else
+                       f"silent for {now - w.view.last_seen:.1f} s")
+                if not self._stopping:
+                    self._worker_died(w, why)
 
     def _reap_unregistered(self) -> None:
         """A child that exited before it registered is dead too (or health would say

@@ -10,6 +10,11 @@ A request's route:
            no prefill worker is left)
     P/D    Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... first output (the decode
            worker's admission) ─► decode ... last output
+
+A worker id can register again after it died (serve restarts the process): each registration
+is a new incarnation with its own `epoch` (1, 2, ...) and a fresh view with empty loads. A
+request keeps the views it was routed to, so what a previous incarnation (or a message sent by
+it, arriving late) says about a request is ignored, and it is never charged to the new one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class WorkerView:
     role: str
     last_seen: float
     kv_blocks_total: int = 0
+    epoch: int = 1  # this incarnation of worker_id (see the module docstring)
     kv_blocks_used: int = 0  # from its last heartbeat
     alive: bool = True
     requests: set[str] = field(default_factory=set)  # in flight there (its legs of them)
@@ -85,7 +91,8 @@ class RouterState:
         self.tracks: dict[str, Track] = {}
         self.policies = {role: LeastLoaded() for role in ROLES}
         self.local_prefill = local_prefill
-        self.dead: list[str] = []
+        self.dead: list[str] = []  # workers down now: died (or never came up), not back yet
+        self.epochs: dict[str, int] = {}  # each worker id's latest incarnation
         self.max_model_len: int | None = None  # the deployment's context, once known
         self.block_size: int | None = None  # tokens per KV block, once known (None: unchecked)
         # when a list: every route chosen, (request id, "whole" | "local" | "pd", worker ids,
@@ -94,17 +101,29 @@ class RouterState:
 
     # -- the registry ----------------------------------------------------------------------
     def add_worker(self, worker_id: str, role: str, num_blocks: int, now: float) -> WorkerView:
+        """A registration: a new incarnation of worker_id (its epoch is one more than the
+        last one's). The caller refuses a worker id whose incarnation is still alive."""
         old = self.workers.get(worker_id)
         if old is not None:  # a worker re-registering under its old id after it died
             self._by_role[old.role].remove(old)
-        w = self.workers[worker_id] = WorkerView(worker_id, role, now, kv_blocks_total=num_blocks)
+        epoch = self.epochs[worker_id] = self.epochs.get(worker_id, 0) + 1
+        w = self.workers[worker_id] = WorkerView(worker_id, role, now, kv_blocks_total=num_blocks,
+                                                 epoch=epoch)
         self._by_role[role].append(w)
+        if worker_id in self.dead:
+            self.dead.remove(worker_id)
         return w
 
-    def heartbeat(self, worker_id: str, kv_blocks_used: int, now: float) -> None:
-        w = self.workers[worker_id]
+    def heartbeat(self, worker_id: str, kv_blocks_used: int, now: float,
+                  epoch: int | None = None) -> bool:
+        """Whether the heartbeat counts: from the live incarnation `epoch` (None: the
+        current one) of a registered worker."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive or (epoch is not None and epoch != w.epoch):
+            return False
         w.last_seen = now
         w.kv_blocks_used = kv_blocks_used
+        return True
 
     def silent(self, now: float, timeout_s: float) -> list[str]:
         """Live workers not heard from for longer than timeout_s."""
@@ -112,7 +131,8 @@ class RouterState:
                 if w.alive and now - w.last_seen > timeout_s]
 
     def worker_died(self, worker_id: str) -> list[str]:
-        """Mark it dead; returns the requests it held (they fail)."""
+        """Mark its incarnation dead; returns the requests it held (they fail; their tracks
+        keep the dead view until they finish, so nothing of them reaches a next incarnation)."""
         w = self.workers[worker_id]
         w.alive = False
         if worker_id not in self.dead:
@@ -210,20 +230,30 @@ class RouterState:
                                        self._fitting("decode", need))
 
     # -- what workers say ------------------------------------------------------------------
-    def speaker(self, request_id: str, worker_id: str, outputs: bool = False) -> Track | None:
-        """The request's track when `worker_id` may speak for it: outputs only from the
-        worker serving its decoding leg, failures from any of its workers."""
+    def _current(self, t: Track, worker_id: str, epoch: int | None = None) -> bool:
+        """The request's leg on worker_id is on that worker's live incarnation `epoch` (None:
+        whichever is current) — not on one that died, nor one that came after."""
+        v = t.views.get(worker_id)
+        return (v is not None and v.alive and v is self.workers.get(worker_id)
+                and (epoch is None or v.epoch == epoch))
+
+    def speaker(self, request_id: str, worker_id: str, outputs: bool = False,
+                epoch: int | None = None) -> Track | None:
+        """The request's track when `worker_id` (its incarnation `epoch`; None: the current
+        one) may speak for it: outputs only from the worker serving its decoding leg, failures
+        from any of its workers, and only from the incarnation the request was routed to."""
         t = self.tracks.get(request_id)
         if t is None:
             return None
         legs = (t.worker, t.decode) if outputs else (t.worker, t.prefill, t.decode)
-        return t if worker_id in legs else None
+        return t if worker_id in legs and self._current(t, worker_id, epoch) else None
 
-    def on_output(self, request_id: str, worker_id: str, handover: bool) -> Track | None:
-        """An output from worker_id; the track when it counts (None: drop it). `handover`: it
-        is the decode worker's admission of a P/D request, so the prefill leg is over (that
-        worker's death no longer concerns the request)."""
-        t = self.speaker(request_id, worker_id, outputs=True)
+    def on_output(self, request_id: str, worker_id: str, handover: bool,
+                  epoch: int | None = None) -> Track | None:
+        """An output from worker_id (incarnation `epoch`); the track when it counts (None:
+        drop it). `handover`: it is the decode worker's admission of a P/D request, so the
+        prefill leg is over (that worker's death no longer concerns the request)."""
+        t = self.speaker(request_id, worker_id, outputs=True, epoch=epoch)
         if t is None:
             return None
         if not t.first_token:
@@ -239,14 +269,15 @@ class RouterState:
             p.queued_prompt_tokens -= t.prompt_len
         return t
 
-    def on_reserved(self, request_id: str, worker_id: str, now: float) -> str | None:
-        """The decode worker reserved blocks: the prefill worker to send Prefill to, or None
-        when nobody will write them (abort at worker_id)."""
+    def on_reserved(self, request_id: str, worker_id: str, now: float,
+                    epoch: int | None = None) -> str | None:
+        """The decode worker (incarnation `epoch`) reserved blocks: the prefill worker to send
+        Prefill to, or None when nobody will write them (abort at worker_id) — also when the
+        request's prefill worker died, even if it is back as a new incarnation."""
         t = self.tracks.get(request_id)
-        if t is None or t.decode != worker_id:
+        if t is None or t.decode != worker_id or not self._current(t, worker_id, epoch):
             return None
-        pw = self.workers.get(t.prefill)
-        if pw is None or not pw.alive:
+        if not self._current(t, t.prefill):
             return None
         t.reserve_seconds = now - t.t_reserve
         return t.prefill
@@ -262,14 +293,15 @@ class RouterState:
         t = self.tracks.get(request_id)
         if t is None:
             return []
-        if t.worker:
-            return [AbortTo(t.worker)]
+        if t.worker:  # (a leg whose incarnation died has nothing left to tell)
+            return [AbortTo(t.worker)] if self._current(t, t.worker) else []
         plan = []
         fenced = t.prefill_sent and not t.admitted
-        if fenced:
-            plan.append(AbortTo(t.prefill, decode_peer=t.decode))
-        if t.decode:
-            plan.append(AbortTo(t.decode, fenced=fenced))
+        decode = t.decode if self._current(t, t.decode) else None
+        if fenced and self._current(t, t.prefill):
+            plan.append(AbortTo(t.prefill, decode_peer=decode))
+        if decode:  # fenced only while a live writer may still write its blocks
+            plan.append(AbortTo(decode, fenced=fenced and self._current(t, t.prefill)))
         return plan
 
     def finish(self, request_id: str) -> None:

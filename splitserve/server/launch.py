@@ -5,7 +5,8 @@
       Conductor ◄── ZeroMQ ──────────► splitserve worker --role decode  --cores 1 ...
 
 Workers started elsewhere (`splitserve worker --router HOST:PORT`) register with the same
-router socket (bind it beyond loopback with --router-bind). SIGTERM drains (drain.py).
+router socket (bind it beyond loopback with --router-bind). SIGTERM drains (drain.py). A worker
+serve started whose process exits is started again, with backoff (supervisor.py).
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
     return cmd
 
 
-def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a) -> list[subprocess.Popen]:
+def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a,
+                  supervisor=None) -> list[subprocess.Popen]:
     """Start worker i (id "<role>-<i>") on core_groups[i] and tell the conductor its process;
-    `a` carries the worker flags (see worker_command)."""
+    `a` carries the worker flags (see worker_command). With a `supervisor`
+    (supervisor.Supervisor), it starts them, and again whenever one exits."""
     gpus = visible_gpus(a.device)
     procs = []
     for i, (role, cores) in enumerate(zip(roles, core_groups)):
@@ -99,11 +102,18 @@ def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a) 
         env = dict(os.environ)
         if gpus:  # one GPU per worker (shared round-robin when there are fewer GPUs)
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        proc = subprocess.Popen(worker_command(role, conductor.addr, wid, cores, a),
-                                stdin=subprocess.DEVNULL, env=env)
-        conductor.attach_process(wid, proc)
-        procs.append(proc)
-        log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)
+        cmd = worker_command(role, conductor.addr, wid, cores, a)
+
+        def start(wid=wid, cmd=cmd, env=env, cores=cores) -> subprocess.Popen:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+            log.info("started %s on cores %s (pid %d)", wid, cores, proc.pid)
+            return proc
+
+        if supervisor is not None:
+            procs.append(supervisor.add(wid, start))
+        else:
+            procs.append(start())
+            conductor.attach_process(wid, procs[-1])
     return procs
 
 
@@ -113,6 +123,7 @@ async def run_deployment(a) -> int:
     from splitserve.router.conductor import Conductor
     from splitserve.server.drain import DrainingServer
     from splitserve.server.openai_api import build_app
+    from splitserve.server.supervisor import Supervisor
 
     if a.colocated:
         roles = ["colocated"] * a.colocated
@@ -130,7 +141,8 @@ async def run_deployment(a) -> int:
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
                           local_prefill=local_prefill)
     await conductor.start()
-    procs = spawn_workers(conductor, roles, core_groups, a)
+    supervisor = Supervisor(conductor, a.max_restarts)
+    spawn_workers(conductor, roles, core_groups, a, supervisor)
     app = build_app(conductor, served, api_key=a.api_key)
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=2), conductor, a.drain_timeout)
@@ -148,13 +160,14 @@ async def run_deployment(a) -> int:
         print(f"splitserve: serving {served!r} on http://{a.host}:{a.port}/v1 with "
               f"{', '.join(roles)} workers (router {conductor.addr})", file=sys.stderr, flush=True)
 
-    task = asyncio.create_task(announce())
+    tasks = [asyncio.create_task(announce()), asyncio.create_task(supervisor.run())]
     try:
         await server.serve()
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         await conductor.stop()
-        for p in procs:
+        for p in supervisor.procs():  # (one started again that had not registered yet)
             if p.poll() is None:
                 p.kill()
     return 0
@@ -179,6 +192,11 @@ def add_serve_args(p) -> None:
                         "or always on a prefill worker (off)")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker counts as dead")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="a worker serve started whose process exits (crash, kill, OOM) is "
+                        "started again after 0.5 s, doubling while it keeps exiting up to "
+                        "30 s; at most this many times per worker (default: no limit; 0: "
+                        "never)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, refuse new requests (503) and give those in flight this many "
                         "seconds to finish; those still running then fail with an error. SIGINT "
@@ -218,6 +236,8 @@ def run_serve(a) -> int:
         raise SystemExit("P/D mode needs --prefill >= 1 and --decode >= 1")
     if a.drain_timeout < 0:
         raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
+    if a.max_restarts is not None and a.max_restarts < 0:
+        raise SystemExit(f"--max-restarts must be >= 0 (0: never restart), got {a.max_restarts}")
     try:
         return asyncio.run(run_deployment(a))
     except KeyboardInterrupt:
@@ -227,6 +247,9 @@ def run_serve(a) -> int:
 def run_worker_cli(a, engine: EngineConfig) -> int:
     """`splitserve worker`: `engine` holds the engine flags every subcommand shares; the
     worker's own flags (cache, scheduler, role) are applied here."""
+    from splitserve.disagg import faults
+
+    faults.exit_at_start(a.role)  # (a fault for the restart tests; nothing unless asked for)
     from splitserve.config import CacheConfig, SchedulerConfig
     from splitserve.disagg.worker import WorkerConfig, run_worker
 

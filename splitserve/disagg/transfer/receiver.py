@@ -93,5 +93,11 @@ class KVReceiver:
         kv[msg.layer].index_copy_(1, idx, data.to(kv.device))
         self.bytes_received += expect
 
+    def forget(self, sender_id: str) -> None:
+        """The prefill worker sender_id died: whatever still arrives on its connections
+        (written before it died) has no say; its next incarnation connects anew."""
+        for ident in [i for i, s in self.senders.items() if s == sender_id]:
+            del self.senders[ident]
+
     def close(self) -> None:
         self.sock.close(linger=0)
