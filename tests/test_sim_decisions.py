@@ -178,3 +178,8 @@ def test_a_worker_log_is_on_disk_before_the_worker_stops(tmp_path, monkeypatch):
     log.flush(trace)
     lines = [json.loads(x) for x in (tmp_path / "decode-7.jsonl").read_text().splitlines()]
     assert lines == [["reserve", "a", [1, 2]], ["time", 1.0, 0.5], ["admit", "a"]]
+    decision_log.Appender("decode-7")  # the worker restarted: its earlier life is kept
+    assert (tmp_path / "decode-7.jsonl").read_text() == ""
+    assert len((tmp_path / "decode-7.1.jsonl").read_text().splitlines()) == 3
+    log.flush([("admit", "b")])  # into the new file: read_dir gives the earlier life first
+    assert decision_log.read_dir(str(tmp_path))["decode-7"] == lines + [["admit", "b"]]

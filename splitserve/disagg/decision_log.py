@@ -58,13 +58,19 @@ def write(name: str, entries: list) -> None:
 
 class Appender:
     """A worker's log file: created (empty) at once, then `flush(entries)` appends the entries
-    and empties the list, so a long-running worker's trace does not grow in memory."""
+    and empties the list, so a long-running worker's trace does not grow in memory. A log
+    already there (a restarted worker's earlier life) is kept as <name>.<k>.jsonl."""
 
     def __init__(self, name: str):
         d = directory()
         self.path = None if d is None else os.path.join(d, f"{name}.jsonl")
         if self.path is not None:
             os.makedirs(d, exist_ok=True)
+            if os.path.exists(self.path):
+                k = 1
+                while os.path.exists(os.path.join(d, f"{name}.{k}.jsonl")):
+                    k += 1
+                os.replace(self.path, os.path.join(d, f"{name}.{k}.jsonl"))
             open(self.path, "w").close()
 
     def flush(self, entries: list | None) -> None:
@@ -74,3 +80,23 @@ class Appender:
             for e in entries:
                 f.write(json.dumps(as_json(e)) + "\n")
         entries.clear()
+
+
+def read_dir(d: str) -> dict[str, list]:
+    """Every log in `d` by worker id ("router" too), a restarted worker's earlier lives
+    (<name>.<k>.jsonl) first, in order."""
+    parts: dict[str, list[tuple[float, str]]] = {}
+    for f in os.listdir(d):
+        if not f.endswith(".jsonl"):
+            continue
+        name, _, k = f[:-6].rpartition(".")
+        if not (name and k.isdigit()):
+            name, k = f[:-6], "inf"
+        parts.setdefault(name, []).append((float(k), f))
+    out = {}
+    for name, files in parts.items():
+        out[name] = []
+        for _, f in sorted(files):
+            with open(os.path.join(d, f)) as fh:
+                out[name] += [json.loads(line) for line in fh if line.strip()]
+    return out

@@ -204,8 +204,7 @@ def _explain(a, dep: str, rate: float, real_runs: list, t0s: list | None, sim: S
     runs = [("sim", sim_routes, sim_logs, simulated, 0.0)]
     d = os.path.join(a.decision_logs or "", dep)
     if t0s and os.path.isdir(d):
-        logs = {f[:-6]: _read_jsonl(os.path.join(d, f)) for f in os.listdir(d)
-                if f.endswith(".jsonl")}
+        logs = decision_log.read_dir(d)
         routes = logs.pop("router", [])
         for k, (records, t0) in enumerate(zip(real_runs, t0s)):
             end = t0 + max(r.t_done for r in records)
@@ -218,9 +217,3 @@ def _explain(a, dep: str, rate: float, real_runs: list, t0s: list | None, sim: S
             out.append({"deployment": dep, "rate": rate, "run": label, "requests": len(rows),
                         **{k: v * 1e3 for k, v in m.items()}})
     return out
-
-
-def _read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
