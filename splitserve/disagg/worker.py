@@ -259,6 +259,10 @@ class Worker:
         sock.connect(self.cfg.router_addr)
         try:
             while self.running:
+                # the lease runs from when a heartbeat went out, not from when its Ping is read:
+                # a Ping that was waiting to be read when the process stalled (SIGSTOP) must not
+                # renew the lease when it wakes up, long after the router declared it dead
+                sent = time.monotonic()
                 try:
                     sock.send(M.encode(M.Heartbeat(self.stats, self.epoch)), zmq.NOBLOCK)
                 except zmq.Again:
@@ -272,7 +276,7 @@ class Worker:
                     except Exception:
                         continue
                     if isinstance(msg, M.Ping):
-                        self.router_seen = time.monotonic()
+                        self.router_seen = sent
                     elif isinstance(msg, M.Shutdown) and msg.epoch in (0, self.epoch):
                         log.error("the router declared this worker dead; exiting")
                         self.router_seen = float("-inf")
