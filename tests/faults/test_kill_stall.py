@@ -39,46 +39,6 @@ SHIP = ("The old ship left the harbour before dawn, its crew of eleven sailors h
         "ropes while the captain read the sky for signs of the storm. ")
 
 
-@pytest.fixture(scope="module")
-def offline(real_model_path):
-    """Greedy text of a prompt (token ids) from the offline engine with the servers' settings
-    (bf16, 1 thread, 64-token chunks), each prompt computed from its first token (no prefix
-    cache); `offline.logprobs(...)`: the sampled tokens' logprobs; `offline.ids(text, n)`: the
-    first n token ids of text repeated."""
-    from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-    from splitserve.engine.engine import LLMEngine
-    from splitserve.request import SamplingParams
-
-    eng = LLMEngine(EngineConfig(num_threads=1, cache=CacheConfig(enable_prefix_caching=False),
-                                 scheduler=SchedulerConfig(max_num_batched_tokens=64)))
-    memo: dict = {}
-
-    def generate(prompt_ids: list[int], max_tokens: int) -> tuple[str, list[float]]:
-        key = (tuple(prompt_ids), max_tokens)
-        if key not in memo:
-            eng.add_request(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                       ignore_eos=True, logprobs=0))
-            text, lps = "", []
-            while eng.has_unfinished():
-                for o in eng.step():
-                    text += o.new_text
-                    lps += [lp for lp, _ in o.new_logprobs]
-            memo[key] = text, lps
-        return memo[key]
-
-    def run(prompt_ids: list[int], max_tokens: int) -> str:
-        return generate(prompt_ids, max_tokens)[0]
-
-    def ids(text: str, n: int) -> list[int]:
-        out = eng.encode(text * (1 + n // 16))[:n]
-        assert len(out) == n
-        return out
-
-    run.ids = ids
-    run.logprobs = lambda prompt_ids, max_tokens: generate(prompt_ids, max_tokens)[1]
-    return run
-
-
 # -- helpers -----------------------------------------------------------------------------------
 def _wait_for(cond, timeout_s: float, what: str) -> float:
     """Poll cond() until true; how long it took."""

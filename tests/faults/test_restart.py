@@ -44,31 +44,6 @@ GARDEN = ("My grandmother kept a garden behind the house where tomatoes, beans a
 
 
 @pytest.fixture(scope="module")
-def offline(real_model_path):
-    """Greedy text of a prompt (token ids) from the offline engine with the servers' settings
-    (bf16, 1 thread, 64-token chunks), each prompt computed from its first token (no prefix
-    cache)."""
-    from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-    from splitserve.engine.engine import LLMEngine
-    from splitserve.request import SamplingParams
-
-    eng = LLMEngine(EngineConfig(num_threads=1, cache=CacheConfig(enable_prefix_caching=False),
-                                 scheduler=SchedulerConfig(max_num_batched_tokens=64)))
-
-    def run(prompt_ids: list[int], max_tokens: int) -> str:
-        eng.add_request(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                   ignore_eos=True))
-        text = ""
-        while eng.has_unfinished():
-            for o in eng.step():
-                text += o.new_text
-        return text
-
-    run.encode = eng.encode
-    return run
-
-
-@pytest.fixture(scope="module")
 def srv(real_model_path):
     s = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
     try:

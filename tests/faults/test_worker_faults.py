@@ -27,42 +27,6 @@ OTHER = ("A quiet river ran through the valley, and every spring the farmers alo
          "watched the water rise over the low fields. ") * 3
 
 
-@pytest.fixture(scope="module")
-def offline(real_model_path):
-    """Greedy text of a prompt (token ids) from the offline engine with the servers' settings
-    (bf16, 1 thread, 64-token chunks), each prompt computed from its first token (no prefix
-    cache: the server's chunks line up with these when its hits end on a 64-token boundary,
-    or it has none)."""
-    from splitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-    from splitserve.engine.engine import LLMEngine
-    from splitserve.request import SamplingParams
-
-    eng = LLMEngine(EngineConfig(num_threads=1, cache=CacheConfig(enable_prefix_caching=False),
-                                 scheduler=SchedulerConfig(max_num_batched_tokens=64)))
-
-    def run(prompt_ids: list[int], max_tokens: int) -> str:
-        eng.add_request(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                   ignore_eos=True))
-        text = ""
-        while eng.has_unfinished():
-            for o in eng.step():
-                text += o.new_text
-        return text
-
-    def tokens(prompt_ids: list[int], max_tokens: int) -> list[int]:
-        rid = eng.add_request(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                                         ignore_eos=True))
-        out = []
-        while eng.has_unfinished():
-            out = [o.token_ids for o in eng.step() if o.request_id == rid] or out
-        return out[0] if out else []
-
-    run.encode = eng.encode
-    run.tokens = tokens
-    run.decode = lambda ids: eng.tokenizer.decode(ids)
-    return run
-
-
 def _complete(srv: Server, prompt, max_tokens: int) -> httpx.Response:
     return httpx.post(srv.base_url + "/completions", timeout=120, json={
         "model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
