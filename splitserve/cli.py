@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefill-first) and llama-server, each started here")
     bench_compare.add_args(bc)
     bc.set_defaults(func=bench_compare.main)
+    from splitserve.bench import soak as bench_soak
+
+    bk = bsub.add_parser("soak", help="start serve, load it for --minutes while SIGKILLing "
+                         "random workers; every greedy 200 checked against the offline engine")
+    bench_soak.add_args(bk)
+    bk.set_defaults(func=bench_soak.main)
     from splitserve.sim import validate as sim_validate
 
     bv = bsub.add_parser("validate", help="the simulator against real runs of the same workload, "

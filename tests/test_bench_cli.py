@@ -237,3 +237,36 @@ def test_run_experiment_one_run_at_the_traces_own_times(tmp_path):
     assert [r["attainment"] for r in out["slo_sweep"]] == [0, 0, 0, 1, 1]  # 0.5 s meets x1.5
     with pytest.raises(ValueError, match="overwrite"):
         E.run_experiment(a, fifo(0.5, 0.01, []), 2, {"cores": 3})
+
+
+# -- bench soak -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--minutes", "-1"], "argument --minutes: '-1' is not a positive float"),
+    (["--minutes", "0"], "argument --minutes: '0' is not a positive float"),
+    (["--kill-every", "-5"], "argument --kill-every: '-5' is not a number >= 0"),
+    (["--stream-share", "1.5"], "argument --stream-share: '1.5' is not a share in [0, 1]"),
+    (["--rate", "x"], "argument --rate: 'x' is not a positive float"),
+])
+def test_soak_refuses_bad_numbers_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "soak", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"splitserve bench soak: error: {message}"
+    assert not any("Traceback" in line for line in err)
+
+
+def test_soak_prompts_share_no_block_and_mix_lengths_and_modes():
+    from splitserve.bench.soak_load import HEADER, make_plan
+
+    a = build_parser().parse_args(["bench", "soak", "--max-prompt", "200", "--seed", "3"])
+    plans = make_plan(a, 300, pool=list(range(1000, 5000)))
+    heads = {tuple(p.prompt[:HEADER]) for p in plans}
+    assert len(heads) == 300  # every prompt's first block its own: no prefix-cache hit at all
+    assert all(HEADER < len(p.prompt) <= 200 and 4 <= p.max_tokens <= a.max_output for p in plans)
+    assert min(len(p.prompt) for p in plans) < 48 < max(len(p.prompt) for p in plans) > 160
+    for attr, want in (("stream", 0.4), ("greedy", 0.8)):
+        assert abs(sum(getattr(p, attr) for p in plans) / 300 - want) < 0.1
+    assert 10 < sum(p.hang_up_s is not None for p in plans) < 60
+    assert make_plan(a, 300, pool=list(range(1000, 5000))) == plans  # seeded
+
