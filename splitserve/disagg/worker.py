@@ -212,10 +212,13 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
-        # Ctrl-C at a terminal reaches the whole process group: stop cleanly like on SIGTERM
-        # (the pool file is unlinked in close())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: setattr(self, "running", False))
+        # Ctrl-C at a terminal reaches the whole process group: stop cleanly (the pool file is
+        # unlinked in close()). SIGTERM too, unless serve started this worker: then a SIGTERM
+        # sent to the whole group (systemd's default) must not end it under serve's drain;
+        # serve stops it with Shutdown once the drain is over (or it exits when serve is gone)
+        stop = lambda *_: setattr(self, "running", False)  # noqa: E731
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if self.cfg.parent_pid else stop)
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         last_stats = 0.0
         try:

@@ -75,6 +75,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def shutdown(self, sockets=None) -> None:
+        if self.force_exit:
+            # before uvicorn's shutdown: from Python 3.12.1 its wait_closed() waits for the open
+            # connections, so streams must get their error event first or be cut off bare
+            self.conductor.fail_all("The server was stopped before this request finished. "
+                                    "Retry it on another replica.")
         await super().shutdown(sockets)
         if not self.force_exit:
             return

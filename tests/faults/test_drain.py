@@ -5,6 +5,7 @@ truncated 200), then serve stops its workers and exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -83,9 +84,14 @@ def wait_until(cond, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def sigterm_and_wait_draining(srv: Server) -> float:
+def sigterm_and_wait_draining(srv: Server, group: bool = False) -> float:
+    """SIGTERM to serve, or to its whole process group (systemd's default: the workers get it
+    too and must not stop under the drain)."""
     t = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+    else:
+        srv.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: httpx.get(srv.url + "/health", timeout=5).json()["status"] == "draining",
                10, "draining")
     return t
@@ -149,7 +155,7 @@ def test_sigterm_lets_requests_in_flight_finish(mode):
         wait_until(lambda: in_flight(srv) >= 1, 30, "the non-streaming request in flight")
         streamed = Call(srv.url, 200, stream=True)
         assert streamed.first.wait(60) and streamed.error is None, streamed.error
-        t_term = sigterm_and_wait_draining(srv)
+        t_term = sigterm_and_wait_draining(srv, group="--decode" in mode)
 
         r = httpx.post(srv.base_url + "/completions", json={"prompt": "hi", "max_tokens": 4},
                        timeout=10)
