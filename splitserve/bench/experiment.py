@@ -66,6 +66,17 @@ def positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return x
+
+
 def lo_hi(text: str) -> tuple[float, float]:
     """An argparse type: 'LO,HI' with 0 < LO < HI."""
     try:

@@ -32,16 +32,6 @@ from splitserve.bench.soak_load import Plan, Soak, make_plan, run_load, text_poo
 from splitserve.server.launch import split_cores
 
 
-def non_negative(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = -1.0
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return x
-
-
 def share(text: str) -> float:
     try:
         x = float(text)
@@ -54,7 +44,7 @@ def share(text: str) -> float:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=E.positive(float), default=30.0, help="how long the load runs")
-    p.add_argument("--kill-every", type=non_negative, default=180.0, metavar="S",
+    p.add_argument("--kill-every", type=E.non_negative, default=180.0, metavar="S",
                    help="SIGKILL a random worker every S seconds on average (x0.5-1.5); 0: never")
     p.add_argument("--rate", type=E.positive(float), default=0.5,
                    help="arrivals per second (Poisson)")

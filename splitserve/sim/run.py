@@ -179,16 +179,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_sim_args(p)
 
 
-def _non_negative(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = -1.0
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return x
-
-
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     """The simulated deployment's engine settings and costs beside the step times."""
     g = p.add_argument_group("the simulated deployment")
@@ -207,14 +197,14 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                         "overlapped for a GPU model); see sim/kvlink.py")
     g.add_argument("--kv-bandwidth", type=E.positive(float), default=None, metavar="GB/S",
                    help=f"default: {CPU_SHM_GB_S} (CPU shm), the GPU's network x tp")
-    g.add_argument("--api-latency-ms", type=_non_negative, default=SimSettings.api_ms,
+    g.add_argument("--api-latency-ms", type=E.non_negative, default=SimSettings.api_ms,
                    help="client <-> router, one way (HTTP, the API server; ~3 ms on this "
                         "project's CPU machine: bench validate --explain)")
-    g.add_argument("--hop-latency-ms", type=_non_negative, default=SimSettings.hop_ms,
+    g.add_argument("--hop-latency-ms", type=E.non_negative, default=SimSettings.hop_ms,
                    help="router <-> worker, one way")
-    g.add_argument("--data-hop-latency-ms", type=_non_negative, default=SimSettings.data_hop_ms,
+    g.add_argument("--data-hop-latency-ms", type=E.non_negative, default=SimSettings.data_hop_ms,
                    help="prefill -> decode notices")
-    g.add_argument("--host-cpu-ms-per-token", type=_non_negative, default=None,
+    g.add_argument("--host-cpu-ms-per-token", type=E.non_negative, default=None,
                    help="CPU the API server, router and client take from the workers' cores per "
                         f"streamed token when none is idle (default {CPU_HOST_MS_PER_TOKEN} on "
                         "CPU, 0 for a GPU model)")
