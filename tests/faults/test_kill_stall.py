@@ -20,6 +20,7 @@ import time
 import httpx
 import pytest
 from serving_harness import Server
+from texts import PRESS, RIVER, SHIP
 
 pytestmark = pytest.mark.real_model
 
@@ -29,14 +30,6 @@ HB_TIMEOUT_S = 2.0  # --heartbeat-timeout of the stall cases (the lease is half 
 KILL_BOUND_S = 5.0
 STALL_BOUND_S = HB_TIMEOUT_S + 6.0
 
-# three texts that share no block (a prefix-cache hit shifts the chunk boundaries, and bf16
-# numerics follow the chunk shapes)
-PRESS = ("The history of the printing press begins in the fifteenth century, when Johannes "
-         "Gutenberg combined movable metal type, oil-based ink and a screw press. ")
-RIVER = ("A quiet river ran through the valley, and every spring the farmers along its banks "
-         "watched the water rise over the low fields. ")
-SHIP = ("The old ship left the harbour before dawn, its crew of eleven sailors hauling on the "
-        "ropes while the captain read the sky for signs of the storm. ")
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from datetime import datetime
 import httpx
 import pytest
 from serving_harness import Server
+from texts import GARDEN, PRESS, RIVER, SHIP
 
 from splitserve.bench.compare import free_port, stop_server
 
@@ -31,16 +32,6 @@ pytestmark = pytest.mark.real_model
 
 KILL_BOUND_S = 5.0  # a dead child is noticed at once; the rest is slack for a shared machine
 BACK_BOUND_S = 180.0  # backoff 0.5 s + a worker's start (model load: ~40 s on a busy 2-core VM)
-# texts that share no block (a prefix-cache hit shifts the chunk boundaries, and bf16
-# numerics follow the chunk shapes)
-PRESS = ("The history of the printing press begins in the fifteenth century, when Johannes "
-         "Gutenberg combined movable metal type, oil-based ink and a screw press. ")
-RIVER = ("A quiet river ran through the valley, and every spring the farmers along its banks "
-         "watched the water rise over the low fields. ")
-SHIP = ("The old ship left the harbour before dawn, its crew of eleven sailors hauling on the "
-        "ropes while the captain read the sky for signs of the storm. ")
-GARDEN = ("My grandmother kept a garden behind the house where tomatoes, beans and tall yellow "
-          "sunflowers grew in crooked rows. ")
 
 
 @pytest.fixture(scope="module")
