@@ -14,17 +14,15 @@ import time
 import httpx
 import pytest
 from serving_harness import Server
+from texts import PRESS, RIVER
 
 pytestmark = pytest.mark.real_model
 
 # marker tokens the injected faults aim at (SPLITSERVE_FAULTS, splitserve/disagg/faults.py)
 POISON_PREFILL, POISON_DECODE = 48999, 49001
-TEXT = "The history of the printing press begins in the fifteenth century, when Johannes "
-LONG = (TEXT + "Gutenberg combined movable metal type, oil-based ink and a screw press. ") * 3
-# shares no block with the prompts above (a prefix-cache hit shifts the chunk boundaries, and
-# bf16 numerics follow the chunk shapes)
-OTHER = ("A quiet river ran through the valley, and every spring the farmers along its banks "
-         "watched the water rise over the low fields. ") * 3
+TEXT = PRESS[:PRESS.index("Gutenberg")]  # the first sentence's start
+LONG = PRESS * 3
+OTHER = RIVER * 3  # shares no block with the prompts above
 
 
 def _complete(srv: Server, prompt, max_tokens: int) -> httpx.Response:
