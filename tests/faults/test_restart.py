@@ -188,11 +188,16 @@ def test_a_worker_that_dies_at_once_is_restarted_at_growing_intervals_up_to_max_
     url = f"http://127.0.0.1:{port}"
     try:
         def given_up():
+            # the log first: serve writes "not started again" after it has cleared the
+            # worker's `restarting` entry, so a /health read after that line is settled (read
+            # the other way round, the worker can exit between the two reads)
+            if "not started again" not in log_path.read_text():
+                return None
             try:
                 h = httpx.get(url + "/health", timeout=5).json()
             except (httpx.HTTPError, ValueError):
                 return None
-            return h if h["status"] == "degraded" and "not started again" in log_path.read_text() else None
+            return h if h["status"] == "degraded" else None
 
         h = _wait_for(given_up, 240, "the decode worker up and the prefill worker given up")
         assert h["dead"] == ["prefill-0"] and h["restarting"] == {}, h
