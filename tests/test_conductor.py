@@ -206,3 +206,62 @@ def test_a_worker_back_under_its_id_is_a_new_epoch_and_nothing_of_its_old_life_c
     assert s.on_reserved("z", "d0", 8.0, epoch=2) == "p0"
     assert p2.queued_prompt_tokens == 10 and p.queued_prompt_tokens == 0
     s.check_loads()
+
+
+def test_a_restarted_router_tells_workers_of_its_predecessor_to_register_again():
+    """Over a real socket: a heartbeat from a worker this router has no registration for, or
+    one naming another router process, is answered Rejoin (naming the router it names, so a
+    late answer cannot send a re-registered worker round again); a registered worker's is
+    answered Ping echoing its send time (the lease runs from then); a second Register from
+    the same process gets the same Welcome, not "a live worker already uses the id"."""
+    import asyncio
+    import os
+
+    import zmq
+
+    from splitserve.disagg import messages as M
+
+    async def run():
+        c = Conductor(bind="tcp://127.0.0.1:0")
+        c._tokenizer = object()  # no tokenizer needed: no request is served
+        await c.start()
+        ctx = zmq.Context()
+        socks = {}
+        for ident in ("w0", "w0/hb"):
+            s = socks[ident] = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, ident.encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(c.addr)
+
+        async def ask(ident, msg):
+            socks[ident].send(M.encode(msg))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if socks[ident].poll(0):
+                    return M.decode_to_worker(socks[ident].recv())
+            raise AssertionError(f"no answer to {msg}")
+
+        try:
+            hb = M.Heartbeat(M.WorkerStats(), epoch=3, router_id="a-router-gone", sent=12.5)
+            assert await ask("w0/hb", hb) == M.Rejoin("a-router-gone")
+            spec = M.KVSpec("m", "bfloat16", 16, 2, 1, 8)
+            reg = M.Register("w0", "decode", os.getpid(), "h", "m", 64, 100, spec, 10, "tcp", "tcp://x:1")
+            welcome = await ask("w0", reg)
+            assert welcome.accepted and welcome.epoch == 1 and welcome.router_id == c.router_id
+            assert await ask("w0", reg) == welcome  # the same process asking again
+            other = M.Register("w0", "decode", os.getpid() + 1, "h", "m", 64, 100, spec, 10, "tcp", "tcp://x:1")
+            refused = await ask("w0", other)
+            assert not refused.accepted and "already uses the id" in refused.reason
+            assert await ask("w0/hb", M.Heartbeat(M.WorkerStats(), 1, c.router_id, 7.25)) == M.Ping(7.25)
+            # registered here, but the heartbeat names this router's predecessor
+            assert await ask("w0/hb", hb) == M.Rejoin("a-router-gone")
+        finally:
+            for s in socks.values():
+                s.close()
+            ctx.term()
+            for t in c._tasks:
+                t.cancel()
+            c.sock.close()
+            c.ctx.term()
+
+    asyncio.run(run())

@@ -10,11 +10,14 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
                 ◄──────────────  Welcome (accepted with an epoch, or refused with a reason)
       Heartbeat ──────────────►         (every ~0.5 s, own thread and socket: load, KV stats)
                 ◄──────────────  Ping    (renews the worker's lease; Shutdown to a worker
-                                          already declared dead)
+                                          already declared dead; Rejoin from a router that
+                                          has no registration for it: a restarted router)
 
     The epoch numbers the registrations of one worker id (a worker restarted by serve comes
     back under its id): the worker sends it on everything it sends the router, which ignores
-    what any other incarnation says.
+    what any other incarnation says. A router names itself (router_id, new at each start): a
+    worker whose router restarted, or that has not heard from it for the router's dead-worker
+    timeout, aborts every request it holds and registers again.
 
     colocated:  Generate ─► worker ─► Outputs ... (last one finished) ─► router
     P/D:        Reserve ─► decode ─► Reserved(block ids) ─► router ─► Prefill(peer, block ids)
@@ -93,6 +96,7 @@ class WorkerStats(msgspec.Struct):
     integrity_errors: int = 0
     step_errors: int = 0  # steps whose forward raised (their requests failed, the worker went on)
     aborts: int = 0  # requests aborted here (the client went away, or the router said so)
+    rejoins: int = 0  # times it lost its router, aborted everything and registered again
 
 
 class DecodePeer(msgspec.Struct, frozen=True):
@@ -134,10 +138,24 @@ class Welcome(msgspec.Struct, tag=True):
     # at each later one (a restarted process). The worker puts it on every message it sends
     # the router, which drops messages of any other incarnation.
     epoch: int = 0
+    # This router process (random, new at each start): a worker's heartbeats name it, and a
+    # Rejoin for it means that router is gone.
+    router_id: str = ""
 
 
 class Ping(msgspec.Struct, tag=True):
-    """The router's answer to each heartbeat: the worker's lease is renewed."""
+    """The router's answer to each heartbeat: the worker's lease is renewed, from when that
+    heartbeat was sent (a Ping read late, after a stall, renews nothing newer)."""
+
+    sent: float = 0.0  # the answered Heartbeat's `sent`
+
+
+class Rejoin(msgspec.Struct, tag=True):
+    """The router's answer to a heartbeat from a worker it has no registration for: the
+    router that worker registered with (`router_id`, as the heartbeat names it) is gone, its
+    requests with it; the worker aborts them all and registers again."""
+
+    router_id: str
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -146,6 +164,8 @@ class Heartbeat(msgspec.Struct, tag=True):
 
     stats: WorkerStats
     epoch: int = 0
+    router_id: str = ""  # the router this worker registered with (Welcome.router_id)
+    sent: float = 0.0  # when it went out (the worker's monotonic clock); the Ping echoes it
 
 
 class Generate(msgspec.Struct, tag=True):
@@ -287,7 +307,7 @@ class KVFence(msgspec.Struct, tag=True):
     request_id: str
 
 
-ToWorker = Welcome | Ping | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
+ToWorker = Welcome | Ping | Rejoin | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
 ToRouter = Register | Heartbeat | Reserved | Outputs | Failed
 DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence | KVProgress
 

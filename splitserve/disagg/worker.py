@@ -115,6 +115,11 @@ class Worker:
         self.lease_s = 5.0
         self.router_seen = time.monotonic()
         self.epoch = 0  # this incarnation of worker_id, as the router's Welcome numbers it
+        self.router_id = ""  # the router process it registered with (Welcome.router_id)
+        # heartbeats go out only while registered; the heartbeat thread clears it and names
+        # why in `router_lost` when the router is gone, and the loop registers again
+        self.registered = threading.Event()
+        self.router_lost: str | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.stats = M.WorkerStats(kv_blocks_total=eng.kv_cache.num_blocks)
@@ -173,28 +178,81 @@ class Worker:
             return None
         return self.engine.kv_manager.block_ids(request_id)
 
-    def register(self) -> None:
+    def register(self, retry: bool = False) -> None:
+        """Register and wait for the Welcome: for register_timeout_s (then raise), or with
+        `retry` (registering again after the router was lost) until one comes, asking again
+        every register_timeout_s. A router answers a repeated Register of the same process
+        with the same Welcome."""
         eng = self.engine
         transport = self.cfg.kv_transport
         if self.role == "decode":
             transport = "shm" if self.shm_path else "tcp"
-        self._send(M.Register(
+        register = M.Register(
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
-            transport, self.receiver.addr if self.receiver else None, self.shm_path))
+            transport, self.receiver.addr if self.receiver else None, self.shm_path)
+        self._send(register)
         deadline = time.monotonic() + self.cfg.register_timeout_s
-        while not self.ctrl.poll(500):
-            if self._orphaned():
-                raise SplitServeError(f"parent {self.cfg.parent_pid} is gone before the router answered")
-            if time.monotonic() > deadline:
-                raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} within "
-                                      f"{self.cfg.register_timeout_s:.0f} s")
-        msg = M.decode_to_worker(self.ctrl.recv())
-        if not isinstance(msg, M.Welcome) or not msg.accepted:
-            raise SplitServeError(f"the router refused this worker: {getattr(msg, 'reason', msg)}")
+        while True:
+            if not self.ctrl.poll(500):
+                if self._orphaned():
+                    raise SplitServeError(f"parent {self.cfg.parent_pid} is gone before the router answered")
+                if not self.running:
+                    raise SplitServeError("stopped before the router answered")
+                if time.monotonic() > deadline:
+                    if not retry:
+                        raise SplitServeError(f"no answer from the router at {self.cfg.router_addr} "
+                                              f"within {self.cfg.register_timeout_s:.0f} s")
+                    self._send(register)
+                    deadline = time.monotonic() + self.cfg.register_timeout_s
+                continue
+            try:
+                msg = M.decode_to_worker(self.ctrl.recv())
+            except Exception as e:
+                log.error("dropped a malformed control message: %s", e)
+                continue
+            if isinstance(msg, M.Welcome):
+                break
+            # (sent by the router that is gone, before it went: what it asked for is nobody's)
+            log.info("dropped a %s that came before the Welcome", type(msg).__name__)
+        if not msg.accepted:
+            raise SplitServeError(f"the router refused this worker: {msg.reason}")
         self.lease_s = msg.lease_s
         self.epoch = msg.epoch
+        self.router_id = msg.router_id
         self.router_seen = time.monotonic()
+        self.registered.set()
+
+    def _rejoin(self) -> None:
+        """The router this worker registered with is gone (`router_lost` says how): abort every
+        request held here (their clients were that router's), then register again. Blocks a
+        prefill worker may be writing stay fenced until its KVFence (or fence_max_s), as for
+        any abort."""
+        why, self.router_lost = self.router_lost, None
+        self.router_seen = float("-inf")  # no lease: nothing more is written anywhere
+        held = self._abort_everything()
+        self.stats.rejoins += 1
+        log.warning("%s; aborted the %d requests held here, registering again", why, held)
+        try:
+            self.register(retry=True)
+        except SplitServeError as e:  # stopped (Ctrl-C), or serve is gone
+            log.warning("not registered again: %s", e)
+            self.running = False
+            return
+        log.warning("registered again with the router at %s (epoch %d)", self.cfg.router_addr, self.epoch)
+
+    def _abort_everything(self) -> int:
+        """Abort every request this worker holds, as if the router had aborted each: how many."""
+        side = self.decode_side
+        rids = set(self.engine.request_ids()) | set(self.prefill_side.targets)
+        rids |= {p.request_id for p in side.pending} | set(side.reservations)
+        for rid in rids:
+            if self.role == "decode":
+                self._decode_abort(rid, fenced=True)
+            else:
+                self.engine.abort_request(rid)
+                self._drop_prefill(rid)
+        return len(rids)
 
     def close(self) -> None:
         self.decisions.flush(self.engine.core.trace)
@@ -225,6 +283,8 @@ class Worker:
             self.register()
             hb.start()
             while self.running:
+                if self.router_lost:
+                    self._rejoin()
                 busy = self.engine.has_unfinished()
                 timeout = 0 if busy else 50
                 if self.role == "decode" and self.decode_side.busy:
@@ -260,16 +320,21 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4)  # a heartbeat nobody reads is worthless: drop it
         sock.connect(self.cfg.router_addr)
+        unanswered = 0  # heartbeats in a row that got no answer
         try:
             while self.running:
+                if not self.registered.wait(HEARTBEAT_S):
+                    continue
                 # the lease runs from when a heartbeat went out, not from when its Ping is read:
-                # a Ping that was waiting to be read when the process stalled (SIGSTOP) must not
-                # renew the lease when it wakes up, long after the router declared it dead
+                # a Ping that waited to be read across a stall (SIGSTOP) answers an older
+                # heartbeat and must not renew the lease from now (it echoes its send time)
                 sent = time.monotonic()
                 try:
-                    sock.send(M.encode(M.Heartbeat(self.stats, self.epoch)), zmq.NOBLOCK)
+                    sock.send(M.encode(M.Heartbeat(self.stats, self.epoch, self.router_id, sent)),
+                              zmq.NOBLOCK)
                 except zmq.Again:
                     pass
+                unanswered += 1
                 deadline = time.monotonic() + HEARTBEAT_S
                 while self.running and (left := deadline - time.monotonic()) > 0:
                     if not sock.poll(int(left * 1000) + 1):
@@ -278,14 +343,34 @@ class Worker:
                         msg = M.decode_to_worker(sock.recv())
                     except Exception:
                         continue
-                    if isinstance(msg, M.Ping):
-                        self.router_seen = sent
+                    if isinstance(msg, M.Ping) and self.registered.is_set():
+                        self.router_seen = max(self.router_seen, msg.sent)
+                        unanswered = 0 if msg.sent == sent else unanswered
                     elif isinstance(msg, M.Shutdown) and msg.epoch in (0, self.epoch):
                         log.error("the router declared this worker dead; exiting")
                         self.router_seen = float("-inf")
                         self.running = False
+                    elif (isinstance(msg, M.Rejoin) and msg.router_id == self.router_id
+                          and self.registered.is_set()):
+                        self._lose_router("the router restarted (it has no registration for "
+                                          "this worker)")
+                        unanswered = 0
+                # the router's dead-worker timeout (twice the lease) with no answer: it is gone,
+                # or it has declared this worker dead and failed its requests. Two heartbeats
+                # unanswered at least, so that waking from a stall (the clock jumped) first
+                # hears what the router says (Shutdown) before concluding it is gone.
+                silent = time.monotonic() - self.router_seen
+                if unanswered >= 2 and silent > 2 * self.lease_s and self.registered.is_set():
+                    self._lose_router(f"no answer from the router for {silent:.0f} s")
+                    unanswered = 0
         finally:
             sock.close(linger=0)
+
+    def _lose_router(self, why: str) -> None:
+        """(heartbeat thread) Stop heartbeats and the lease; the loop aborts and registers again."""
+        self.registered.clear()
+        self.router_seen = float("-inf")
+        self.router_lost = why
 
     def _orphaned(self) -> bool:
         """The `serve` process that started this worker is gone."""

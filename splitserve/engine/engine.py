@@ -157,6 +157,10 @@ class LLMEngine:
         self._track(req)
         return req.request_id
 
+    def request_ids(self) -> list[str]:
+        """The requests this engine holds (waiting, running, reserved or prefilled)."""
+        return list(self._states)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.core.abort(request_id)
         self.sampler.forget(request_id)

@@ -84,6 +84,9 @@ class Conductor:
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task] = []
         self.addr = ""
+        # this router process: a worker that registered with another one (this router's
+        # previous process) hears Rejoin and registers again
+        self.router_id = os.urandom(8).hex()
         self._stopping = False
         self._procs: dict[str, subprocess.Popen] = {}
         self._restarts: dict[str, int] = {}  # how often serve started each worker again
@@ -332,8 +335,13 @@ class Conductor:
 
     def _heartbeat(self, hb_ident: str, msg) -> None:
         w = self.workers.get(hb_ident[:-3])
-        if w is None or not isinstance(msg, M.Heartbeat):
-            return  # not registered (yet): no lease
+        if not isinstance(msg, M.Heartbeat):
+            return
+        if w is None or (msg.router_id and msg.router_id != self.router_id):
+            # it registered with a router that is gone (this one's previous process): what
+            # it holds is nobody's now; it aborts it all and registers here
+            self._raw_send(hb_ident, M.Rejoin(msg.router_id))
+            return
         if not self.state.heartbeat(w.info.worker_id, msg.stats.kv_blocks_used,
                                     time.monotonic(), msg.epoch):
             # declared dead but still talking (it was stalled), or a previous incarnation: it
@@ -342,7 +350,7 @@ class Conductor:
             self._raw_send(hb_ident, M.Shutdown(msg.epoch))
             return
         w.stats = msg.stats
-        self._raw_send(hb_ident, M.Ping())
+        self._raw_send(hb_ident, M.Ping(msg.sent))
 
     def _raw_send(self, ident: str, msg, request_id: str | None = None) -> bool:
         """Send without waiting. zmq.asyncio reports a failed send (ROUTER_MANDATORY: the
@@ -373,6 +381,12 @@ class Conductor:
         if msg.worker_id != wid:
             reason = f"worker id {msg.worker_id!r} does not match its socket identity {wid!r}"
         elif wid in self.workers and self.workers[wid].alive:
+            w = self.workers[wid]
+            if (w.info.pid, w.info.host) == (msg.pid, msg.host):
+                # the same process asking again (its first Register was queued while this
+                # router was not up yet and it timed out): the same answer
+                self._raw_send(wid, self._welcome(w.view.epoch))
+                return
             reason = f"a live worker already uses the id {wid!r}"
         elif msg.role not in ("colocated", "prefill", "decode"):
             reason = f"unknown role {msg.role!r}"
@@ -397,9 +411,13 @@ class Conductor:
         view = self.state.add_worker(wid, msg.role, msg.num_blocks, time.monotonic())
         self.workers[wid] = WorkerHandle(msg, view, proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks
-        self._send(wid, M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2, epoch=view.epoch))
+        self._send(wid, self._welcome(view.epoch))
         log.log(logging.WARNING if view.epoch > 1 else logging.INFO,
                 "worker %s (%s, pid %d) registered, epoch %d", wid, msg.role, msg.pid, view.epoch)
+
+    def _welcome(self, epoch: int) -> M.Welcome:
+        return M.Welcome(True, lease_s=self.heartbeat_timeout_s / 2, epoch=epoch,
+                         router_id=self.router_id)
 
     # -- failure detection -------------------------------------------------------------------
     async def _monitor_loop(self) -> None:

@@ -29,6 +29,8 @@ def split_cores(n_workers: int, cores: list[int] | None = None) -> list[list[int
     """Cores for each worker: contiguous, even shares; when there are fewer cores than workers,
     workers share single cores round-robin."""
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if n_workers == 0:
+        return []
     if n_workers <= len(cores):
         per, extra = divmod(len(cores), n_workers)
         out, i = [], 0
@@ -160,6 +162,9 @@ async def run_deployment(a) -> int:
         print(f"splitserve: serving {served!r} on http://{a.host}:{a.port}/v1 with "
               f"{', '.join(roles)} workers (router {conductor.addr})", file=sys.stderr, flush=True)
 
+    if not a.colocated and (a.prefill == 0 or a.decode == 0):
+        log.warning("serve starts %s; requests get 503 until prefill and decode workers join "
+                    "(splitserve worker --router %s)", ", ".join(roles) or "no worker", conductor.addr)
     tasks = [asyncio.create_task(announce()), asyncio.create_task(supervisor.run())]
     try:
         await server.serve()
@@ -176,7 +181,8 @@ async def run_deployment(a) -> int:
 def add_serve_args(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="API address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (P/D mode)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (P/D mode; 0 and --decode 0: the router "
+                   "alone, for workers started with `splitserve worker --router`)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (P/D mode)")
     p.add_argument("--colocated", type=int, default=0,
                    help="run N co-located workers instead of P/D (for comparison)")
@@ -232,8 +238,9 @@ def run_serve(a) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if a.colocated and (a.prefill != 1 or a.decode != 1):
         raise SystemExit("--colocated replaces --prefill/--decode; give one or the other")
-    if not a.colocated and (a.prefill < 1 or a.decode < 1):
-        raise SystemExit("P/D mode needs --prefill >= 1 and --decode >= 1")
+    if not a.colocated and (a.prefill < 0 or a.decode < 0):
+        raise SystemExit("--prefill and --decode count workers: >= 0 (0 and 0: the router alone, "
+                         "workers join with `splitserve worker --router`)")
     if a.drain_timeout < 0:
         raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
     if a.max_restarts is not None and a.max_restarts < 0:

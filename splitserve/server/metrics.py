@@ -129,6 +129,9 @@ class WorkerCollector:
             "step_errors": CounterMetricFamily(
                 "splitserve_worker_step_errors", "Steps whose forward raised (their requests "
                 "failed; the worker went on)", labels=labels),
+            "rejoins": CounterMetricFamily(
+                "splitserve_worker_rejoins", "Times the worker lost its router (it restarted, or "
+                "fell silent), aborted what it held and registered again", labels=labels),
             "integrity_errors": CounterMetricFamily(
                 "splitserve_worker_integrity_errors", "Failed block-pool integrity checks "
                 "(run when idle; any is a bug)", labels=labels),
