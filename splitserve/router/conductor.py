@@ -171,6 +171,25 @@ class Conductor:
     def is_ready(self) -> bool:
         return self.state.is_ready()
 
+    def unready_reason(self) -> str:
+        """Why requests cannot be served now (is_ready() is False), for the 503's message."""
+        if not self.workers:
+            return "The server is starting: no workers have registered yet."
+        roles = {w.info.role for w in self.workers.values()}
+        live = {w.info.role for w in self.workers.values() if w.alive}
+        missing = ("colocated" if "colocated" in roles else
+                   "decode" if "decode" not in live else "prefill")
+        parts = []
+        for wid in self.dead:
+            w = self.workers.get(wid)
+            if w is not None and w.info.role != missing:
+                continue
+            r = self.restarting.get(wid)
+            parts.append(f"{wid} is being started again (restart {r['restarts']})" if r
+                         else f"{wid} is down")
+        parts += [f"{wid} is starting" for wid in self.starting()]
+        return f"No {missing} worker is up" + (f" ({'; '.join(parts)})" if parts else "") + "."
+
     def starting(self) -> list[str]:
         """Workers this process started that have neither registered nor exited yet."""
         return [wid for wid, proc in self._procs.items()

@@ -65,8 +65,8 @@ def build_app(conductor, served_model_name: str, api_key: str | None = None,
             raise ApiError(404, f"The model `{body.model}` does not exist. This server serves "
                            f"`{served_model_name}`.", param="model", code="model_not_found")
         if not conductor.is_ready():
-            raise ApiError(503, "The server is starting: no workers have registered yet. "
-                           "Retry shortly.", type="service_unavailable_error")
+            raise ApiError(503, f"{conductor.unready_reason()} Retry shortly.",
+                           type="service_unavailable_error")
         return await Generation(conductor, metrics, served_model_name, body, chat).respond(request)
 
     @app.post("/v1/completions")

@@ -98,7 +98,16 @@ def _all_idle_and_clean(srv: Server) -> dict[str, dict]:
 def test_a_killed_decode_worker_comes_back_as_a_new_epoch_and_serves(srv, offline):
     first = _row(srv, "decode")
     assert first["epoch"] == 1 and first["restarts"] == 0, first
-    _kill_and_wait_back(srv, "decode")  # idle
+
+    def refused_while_down(t_kill: float) -> None:
+        # the only decode worker is down (local prefill off): a 503 that says so
+        r = _complete(srv, "hello", 4)
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        assert msg.startswith("No decode worker is up (decode-1 is being started again "
+                              "(restart 1))"), msg
+
+    _kill_and_wait_back(srv, "decode", refused_while_down)  # idle
     # P/D again (local prefill off): the prefill worker writes the new incarnation's pool
     ids = offline.encode(RIVER)
     r = _complete(srv, ids, 16)
