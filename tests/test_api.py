@@ -48,9 +48,13 @@ class FakeConductor:
         self.finish_reason: str | None = None  # overrides the natural one
         self.delay = 0.0
         self.health_status = "ok"
+        self.slos: list = []  # each generate()'s (ttft_slo, tpot_slo)
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def unready_reason(self) -> str:
+        return "The server is starting: no workers have registered yet."
 
     @property
     def max_model_len(self) -> int:
@@ -71,8 +75,9 @@ class FakeConductor:
     def token_strings(self, token_ids):
         return [REPLY[t - 10] if t in REPLY_IDS else f"<{t}>" for t in token_ids]
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, slo=(None, None), priority=0):
         self.calls.append((request_id, prompt_token_ids, params))
+        self.slos.append((*slo, priority))
         if self.raise_before is not None:
             raise self.raise_before
         self.started.append(request_id)
@@ -528,6 +533,35 @@ def test_engine_refusals(client, fake):
     fake.raise_before = ServiceUnavailable("no decode worker is registered")
     assert_error(client.post(CHAT, json={"messages": MSGS}), 503, "service_unavailable_error",
                  contains="no decode worker")
+
+
+def test_overload_is_a_429_with_retry_after_counted_by_reason(client, fake):
+    """Admission refusing (admission.Overloaded from the router): 429 in OpenAI's rate-limit
+    shape, a Retry-After in whole seconds, counted in /metrics by reason, for every kind of
+    request (streamed ones too: refused before the stream starts)."""
+    from splitserve.router.admission import Overloaded, Verdict
+
+    fake.raise_before = Overloaded(Verdict(False, "tpot", "predicted time per output token "
+                                           "90 ms exceeds the SLO of 50 ms", 7))
+    for path, body in ((COMPL, {"prompt": "a"}), (COMPL, {"prompt": "a", "stream": True}),
+                       (CHAT, {"messages": MSGS}), (CHAT, {"messages": MSGS, "stream": True})):
+        r = client.post(path, json=body)
+        err = assert_error(r, 429, "rate_limit_error", contains="exceeds the SLO of 50 ms")
+        assert err["code"] == "overloaded_tpot" and r.headers["retry-after"] == "7", r.headers
+    fake.raise_before = Overloaded(Verdict(False, "queue", "queue is full", 1))
+    assert client.post(COMPL, json={"prompt": "a"}).headers["retry-after"] == "1"
+    text = client.get("/metrics").text
+    assert 'splitserve_rejected_requests_total{reason="tpot"} 4.0' in text
+    assert 'splitserve_rejected_requests_total{reason="queue"} 1.0' in text
+    assert 'splitserve_requests_total{finish_reason="rejected"}' in text
+    # the request's own SLOs reach the router
+    fake.raise_before = None
+    assert client.post(COMPL, json={"prompt": "a", "ttft_slo": 0.5, "tpot_slo": 0.05}).status_code == 200
+    assert client.post(COMPL, json={"prompt": "a", "ttft_slo": 2, "priority": 3}).status_code == 200
+    assert fake.slos[-2:] == [(0.5, 0.05, 0), (2, None, 3)]
+    for bad in ({"ttft_slo": 0}, {"tpot_slo": -1.0}, {"ttft_slo": "1"}, {"tpot_slo": 1e9},
+                {"priority": 1.5}, {"priority": 2**40}):
+        assert_error(client.post(COMPL, json={"prompt": "a", **bad}), 400, param=next(iter(bad)))
 
 
 def test_unknown_model(client, fake):

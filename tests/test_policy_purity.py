@@ -12,7 +12,7 @@ import textwrap
 POLICY_MODULES = [
     "splitserve.engine.core", "splitserve.engine.scheduler", "splitserve.kv.manager",
     "splitserve.kv.block_pool", "splitserve.disagg.handover", "splitserve.router.state",
-    "splitserve.router.policies", "splitserve.sim.simulation", "splitserve.sim.worker",
+    "splitserve.router.policies", "splitserve.router.admission", "splitserve.sim.simulation", "splitserve.sim.worker",
     "splitserve.sim.events", "splitserve.sim.kvlink", "splitserve.sim.latency.registry",
     "splitserve.sim.latency.distserve", "splitserve.sim.latency.roofline",
     "splitserve.sim.latency.fitted",
@@ -51,6 +51,13 @@ SCRIPT = textwrap.dedent("""
                                                  hop_s=1e-4, api_s=1e-3)).run(specs, prompts)
         assert all(r.ok for r in res.records), [r.error for r in res.records if not r.ok][:3]
     kinds = {r[1] for r in res.routes}
+    # admission control decides inside the router's route, in the simulator too
+    from splitserve.router.admission import SLO, Admission, CostModel
+    adm = Admission("predictive", CostModel(lat, 400), SLO(0.5, 0.05), max_queue=8)
+    res = Simulation(pd, lat, SimConfig(KVLink(819200, 25e9, "overlapped", 40)), adm).run(
+        W.at_rate(specs, 80.0, seed=3), prompts)
+    assert any(r.rejected for r in res.records) and any(r.ok for r in res.records)
+    assert sum(adm.counts.values()) == len(specs)
     print("ok", res.events, sorted(kinds))
 """)
 

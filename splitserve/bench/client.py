@@ -98,6 +98,7 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict, spec: RequestSp
     times: list[float] = []
     usage_n = None
     error = None
+    rejected = False
     progress.in_flight += 1
     t_sent = time.perf_counter()
     try:
@@ -105,6 +106,7 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict, spec: RequestSp
             async with client.stream("POST", url, json=body) as resp:
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
+                    rejected = resp.status_code == 429  # admission control refused it
                 else:
                     async for line in resp.aiter_lines():
                         # stamped before decoding: the client's own cost is not server latency
@@ -139,7 +141,7 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict, spec: RequestSp
     return RequestRecord(
         ok=error is None, t_due=t_due, t_sent=t_sent - t0, t_done=t_done, token_times=times,
         n_out=usage_n if usage_n is not None else len(times), input_len=spec.input_len,
-        output_len=spec.output_len, error=error, meta=spec.meta)
+        output_len=spec.output_len, error=error, meta=spec.meta, rejected=rejected)
 
 
 async def run_load(base_url: str, specs: list[RequestSpec], model: str,

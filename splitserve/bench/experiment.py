@@ -30,6 +30,7 @@ from splitserve.bench.client import LoadResult
 from splitserve.bench.goodput import (
     attainment,
     goodput_bisect,
+    met_slo,
     per_core,
     slo_scale_sweep,
     summarize,
@@ -239,8 +240,11 @@ def run_at(a, run_fn: RunFn, specs: list[W.RequestSpec], rate: float | None,
 
 def row(label: str, rate: float | None, res: LoadResult, ttft_slo: float, tpot_slo: float) -> dict:
     s = summarize(res.records)
+    met = met_slo(res.records, ttft_slo, tpot_slo)
+    span = s["duration_s"]
     return {"run": label, "rate": rate, "attainment": attainment(res.records, ttft_slo, tpot_slo),
-            "requests": s["requests"], "failed": s["failed"],
+            "requests": s["requests"], "rejected": s["rejected"], "failed": s["failed"],
+            "met_slo": met, "goodput_req_s": met / span if span > 0 else None,
             "ttft_p50": s["ttft_s"].get("p50"), "ttft_p90": s["ttft_s"].get("p90"),
             "tpot_p50": s["tpot_s"].get("p50"), "tpot_p90": s["tpot_s"].get("p90"),
             "e2e_p50": s["e2e_s"].get("p50"), "out_tok_s": s["output_token_throughput"],
@@ -273,7 +277,7 @@ def measure_goodput(a, specs: list[W.RequestSpec], run_fn: RunFn, cores: int) ->
 
 def _record_dict(r) -> dict:
     return {"ok": r.ok, "ttft": r.ttft, "tpot": r.tpot, "e2e": r.e2e, "n_out": r.n_out,
-            "input_len": r.input_len, "error": r.error}
+            "input_len": r.input_len, "error": r.error, "rejected": r.rejected}
 
 
 def run_experiment(a, run_fn: RunFn, cores: int, extra: dict) -> dict:

@@ -37,6 +37,7 @@ class RequestRecord:
     output_len: int  # tokens asked for
     error: str | None = None
     meta: dict = field(default_factory=dict)
+    rejected: bool = False  # refused by admission control (HTTP 429): not a failure to serve
 
     @property
     def t_first(self) -> float | None:
@@ -81,6 +82,11 @@ def attainment(records: Sequence[RequestRecord], ttft_slo: float, tpot_slo: floa
     return sum(r.meets(ttft_slo, tpot_slo) for r in records) / len(records)
 
 
+def met_slo(records: Sequence[RequestRecord], ttft_slo: float, tpot_slo: float) -> int:
+    """Requests that finished within both SLOs (attainment's numerator)."""
+    return sum(r.meets(ttft_slo, tpot_slo) for r in records)
+
+
 def percentiles(values: Iterable[float], ps: Sequence[int] = PERCENTILES) -> dict:
     v = np.asarray([x for x in values if x is not None], dtype=float)
     if v.size == 0:
@@ -96,7 +102,8 @@ def summarize(records: Sequence[RequestRecord]) -> dict:
     out_tokens = sum(r.n_out for r in done)
     return {
         "requests": len(records),
-        "failed": len(records) - len(done),
+        "rejected": sum(r.rejected for r in records),  # 429: refused before any work
+        "failed": sum(not r.ok and not r.rejected for r in records),
         "short": sum(r.n_out < r.output_len for r in done),  # the server stopped early
         "duration_s": span,
         "request_throughput": len(done) / span if span > 0 else None,

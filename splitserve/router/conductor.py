@@ -30,6 +30,7 @@ from splitserve.disagg import decision_log
 from splitserve.disagg import messages as M
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
 from splitserve.request import SamplingParams
+from splitserve.router.admission import SLO
 from splitserve.router.policies import LocalPrefill
 from splitserve.router.state import RouterState, WorkerView
 from splitserve.tokenization import PromptEncoder
@@ -69,14 +70,15 @@ class _Stream:
 class Conductor:
     def __init__(self, model: str = "default", served_model_name: str = "default",
                  bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
-                 tokenizer=None, local_prefill: bool = True):
+                 tokenizer=None, local_prefill: bool = True, admission=None):
         self.model = model
         self.served_model_name = served_model_name
         self.bind = bind
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._tokenizer = tokenizer
         self.prompts: PromptEncoder | None = None
-        self.state = RouterState(LocalPrefill() if local_prefill else None)
+        # admission.Admission (None: accept everything, no queue bound)
+        self.state = RouterState(LocalPrefill() if local_prefill else None, admission)
         if decision_log.directory():
             self.state.routes = []
         self.workers: dict[str, WorkerHandle] = {}
@@ -247,10 +249,15 @@ class Conductor:
 
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[M.Delta]:
+                       params: SamplingParams, slo: tuple[float | None, float | None] = (None, None),
+                       priority: int = 0) -> AsyncIterator[M.Delta]:
+        """The request's outputs. `slo`: its own (TTFT, TPOT) in seconds where it gives them;
+        admission control judges it by them (the deployment's fill in the other), and by its
+        `priority` (lower: more important)."""
         wp = M.Params.of(params)  # everything that can fail before the route is taken
         s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
-        t = self.state.route(request_id, len(prompt_token_ids), time.monotonic())
+        t = self.state.route(request_id, len(prompt_token_ids), time.monotonic(),
+                             max_tokens=params.max_tokens, slo=self._slo(*slo), priority=priority)
         self._streams[request_id] = s
         if t.worker is not None:
             self._send(t.worker, M.Generate(request_id, s.prompt, wp), request_id)
@@ -273,6 +280,15 @@ class Conductor:
                 self._abort(request_id)
             self._streams.pop(request_id, None)
             self.state.finish(request_id)
+
+    def _slo(self, ttft: float | None, tpot: float | None):
+        adm = self.state.admission
+        if (ttft is None and tpot is None) or adm is None:
+            return None
+        base = adm.slo
+        if base is None and (ttft is None or tpot is None):
+            return SLO(ttft or 1e9, tpot or 1e9)  # only what the request gave
+        return SLO(ttft if ttft is not None else base.ttft_s, tpot if tpot is not None else base.tpot_s)
 
     def _fail(self, request_id: str, message: str) -> None:
         s = self._streams.get(request_id)
@@ -333,7 +349,8 @@ class Conductor:
         match msg:
             case M.Outputs():
                 for d in msg.items:
-                    t = self.state.on_output(d.request_id, wid, d.handover is not None, msg.epoch)
+                    t = self.state.on_output(d.request_id, wid, d.handover is not None, msg.epoch,
+                                             tokens=len(d.new_token_ids))
                     if t is None:
                         continue  # only the worker serving this leg may speak for it
                     if d.handover is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.errors import IntegrityError, InvalidRequestError, ServiceUnavailable
+from splitserve.router.admission import Overloaded
 from splitserve.router.policies import LeastLoaded, LocalPrefill
 
 ROLES = ("colocated", "prefill", "decode")
@@ -61,6 +62,8 @@ class Track:
 
     request_id: str
     prompt_len: int
+    max_tokens: int = 0  # what it may generate (admission's estimate of its decode leg)
+    tokens_out: int = 0  # generated so far (the outputs that counted)
     worker: str | None = None  # whole: a co-located worker, or a decode worker prefilling it
     prefill: str | None = None
     decode: str | None = None
@@ -85,8 +88,10 @@ class AbortTo:
 
 
 class RouterState:
-    def __init__(self, local_prefill: LocalPrefill | None = None):
+    def __init__(self, local_prefill: LocalPrefill | None = None, admission=None):
         self.workers: dict[str, WorkerView] = {}
+        # admission.Admission: decides once the workers are chosen (None: accept every request)
+        self.admission = admission
         self._by_role: dict[str, list[WorkerView]] = {role: [] for role in ROLES}
         self.tracks: dict[str, Track] = {}
         self.policies = {role: LeastLoaded() for role in ROLES}
@@ -183,9 +188,13 @@ class RouterState:
             "tokens): shorten the prompt, or serve with more KV cache per worker "
             "(--kv-cache-gb)", param="prompt")
 
-    def route(self, request_id: str, prompt_len: int, now: float) -> Track:
+    def route(self, request_id: str, prompt_len: int, now: float, max_tokens: int = 0,
+              slo=None, priority: int = 0) -> Track:
         """Choose the request's workers and start tracking it (the caller then sends Generate
-        to track.worker, or Reserve to track.decode naming track.prefill)."""
+        to track.worker, or Reserve to track.decode naming track.prefill). With an admission
+        policy, it may refuse (admission.Overloaded) before anything is charged; `slo`: the
+        request's own (admission.SLO), else the deployment's; `priority`: lower is more
+        important (0 the default; see admission.py)."""
         if request_id in self.tracks:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         if not self.is_ready():
@@ -194,7 +203,7 @@ class RouterState:
             raise InvalidRequestError(f"the prompt has {prompt_len} tokens; this model's "
                                       f"context is {self.max_model_len}", param="prompt")
         need = self._check_fits(prompt_len)
-        t = Track(request_id, prompt_len)
+        t = Track(request_id, prompt_len, max_tokens)
         whole = self._pick("colocated", need)
         prefill = self._pick("prefill", need) if whole is None else None
         if whole is None and self.local_prefill is not None:
@@ -208,6 +217,10 @@ class RouterState:
             if t.prefill is None or t.decode is None:
                 raise ServiceUnavailable("no prefill+decode pair is alive")
             t.t_reserve = now
+        if self.admission is not None:
+            verdict = self.admission.decide(self, t, now, slo, priority)
+            if not verdict.admit:
+                raise Overloaded(verdict)
         for wid in (t.worker, t.prefill, t.decode):
             if wid is not None:
                 t.views[wid] = self.workers[wid]
@@ -249,13 +262,14 @@ class RouterState:
         return t if worker_id in legs and self._current(t, worker_id, epoch) else None
 
     def on_output(self, request_id: str, worker_id: str, handover: bool,
-                  epoch: int | None = None) -> Track | None:
+                  epoch: int | None = None, tokens: int = 0) -> Track | None:
         """An output from worker_id (incarnation `epoch`); the track when it counts (None:
         drop it). `handover`: it is the decode worker's admission of a P/D request, so the
         prefill leg is over (that worker's death no longer concerns the request)."""
         t = self.speaker(request_id, worker_id, outputs=True, epoch=epoch)
         if t is None:
             return None
+        t.tokens_out += tokens
         if not t.first_token:
             t.first_token = True
             w = t.views[worker_id]

@@ -30,6 +30,7 @@ from splitserve.errors import (
     ServiceUnavailable,
     SplitServeError,
 )
+from splitserve.router.admission import Overloaded
 from splitserve.server import schemas
 from splitserve.server.fanout import ClientGone, close_quietly, merge_streams, until_disconnected
 from splitserve.server.metrics import ApiMetrics, SequenceTimer
@@ -130,7 +131,8 @@ class Generation:
                 # seed + i: choice i of a prompt samples the same whether or not it is in a batch
                 params = b.sampling_params(max_tokens=max_tokens, logprobs=b.num_logprobs,
                                            seed=None if b.seed is None else b.seed + i)
-                jobs.append((f"{self.id}-{p * n + i}", ids, params))
+                jobs.append((f"{self.id}-{p * n + i}", ids, params, (b.ttft_slo, b.tpot_slo),
+                             b.priority or 0))
             self.prompt_tokens += len(ids)
         self.choices = [_Choice(k, SequenceTimer(self.metrics, self.t_arrival))
                         for k in range(len(jobs))]
@@ -190,6 +192,10 @@ class Generation:
             return Response(status_code=CLIENT_CLOSED)
         except InvalidRequestError as e:  # refused by the router (e.g. the KV pools' size)
             self._end("error")
+            raise error_for(e, self.chat) from None
+        except Overloaded as e:  # admission control said no: nothing ran anywhere
+            self.metrics.rejected.labels(e.reason).inc()
+            self._end("rejected")
             raise error_for(e, self.chat) from None
         except asyncio.CancelledError:
             self._end("abort")
@@ -279,6 +285,9 @@ def error_for(e: SplitServeError, chat: bool = False,
         if chat and param == "prompt":
             param = "messages"
         return schemas.ApiError(400, str(e), param=param)
+    if isinstance(e, Overloaded):  # (a ServiceUnavailable: first)
+        return schemas.ApiError(429, str(e), type="rate_limit_error", code=f"overloaded_{e.reason}",
+                                headers={"Retry-After": str(e.retry_after_s)})
     if isinstance(e, ServiceUnavailable):
         return schemas.ApiError(503, str(e), type="service_unavailable_error")
     return schemas.ApiError(500, str(e) or type(e).__name__, type="server_error")

@@ -119,6 +119,22 @@ def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a,
     return procs
 
 
+def build_admission(a):
+    """serve's admission policy from its flags (run_serve checked them)."""
+    from splitserve.router.admission import SLO, Admission, CostModel
+
+    if a.admission == "off":
+        return Admission("off", max_queue=a.max_queue) if a.max_queue else None
+    from splitserve.sim.latency.registry import build_latency_model
+
+    try:
+        latency = build_latency_model(a.latency_model)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--latency-model {a.latency_model}: {e}") from None
+    cost = CostModel(latency, a.max_num_batched_tokens, a.local_prefill_chunk, overhead_s=0.005)
+    return Admission(a.admission, cost, SLO(a.ttft_slo, a.tpot_slo), max_queue=a.max_queue)
+
+
 async def run_deployment(a) -> int:
     import uvicorn
 
@@ -141,7 +157,7 @@ async def run_deployment(a) -> int:
                     "in small chunks, so local prefill is off")
         local_prefill = False
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
-                          local_prefill=local_prefill)
+                          local_prefill=local_prefill, admission=build_admission(a))
     await conductor.start()
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
@@ -207,6 +223,22 @@ def add_serve_args(p) -> None:
                    help="on SIGTERM, refuse new requests (503) and give those in flight this many "
                         "seconds to finish; those still running then fail with an error. SIGINT "
                         "(Ctrl-C), or a second signal while draining, stops without draining")
+    g = p.add_argument_group("admission control (router/admission.py)")
+    g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"],
+                   help="refuse (429 + Retry-After) requests that would miss the SLOs: on the "
+                        "load now (reactive) or on the load predicted for when each request gets "
+                        "its first token and decodes (predictive); off: accept all")
+    g.add_argument("--ttft-slo", type=float, default=None,
+                   help="seconds to the first token admission keeps requests within (a request "
+                        "may give its own: the body's ttft_slo)")
+    g.add_argument("--tpot-slo", type=float, default=None,
+                   help="seconds per output token admission keeps requests within (body: tpot_slo)")
+    g.add_argument("--latency-model", default=None,
+                   help="what admission prices engine steps with: fitted:PROFILE.json (splitserve "
+                        "profile on this machine) or any `splitserve sim` latency model")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="requests in flight per worker beyond which new ones get 429 (every mode; "
+                        "0: unbounded)")
     p.add_argument("--log-level", default="warning")
 
 
@@ -243,6 +275,16 @@ def run_serve(a) -> int:
                          "workers join with `splitserve worker --router`)")
     if a.drain_timeout < 0:
         raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
+    if a.max_queue < 0:
+        raise SystemExit(f"--max-queue must be >= 0 (0: unbounded), got {a.max_queue}")
+    if a.admission != "off":
+        missing = [f for f, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo),
+                                  ("--latency-model", a.latency_model)) if v is None]
+        if missing:
+            raise SystemExit(f"--admission {a.admission} needs {', '.join(missing)}")
+    for flag, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo)):
+        if v is not None and not v > 0:
+            raise SystemExit(f"{flag} must be a positive number of seconds, got {v:g}")
     if a.max_restarts is not None and a.max_restarts < 0:
         raise SystemExit(f"--max-restarts must be >= 0 (0: never restart), got {a.max_restarts}")
     try:

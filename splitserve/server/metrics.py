@@ -46,6 +46,9 @@ class ApiMetrics:
                                      "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("splitserve_generation_tokens", "Generated tokens",
                                          registry=r)
+        # reason: ttft | tpot (admission predicted an SLO miss) | queue (a worker's queue is full)
+        self.rejected = Counter("splitserve_rejected_requests", "Requests refused with a 429 "
+                                "by admission control, by reason", ["reason"], registry=r)
         r.register(WorkerCollector(conductor))
 
 

@@ -163,7 +163,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _install_error_handlers(app: FastAPI) -> None:
     def answer(e: ApiError) -> Response:
-        return MsgspecJSONResponse(e.body(), status_code=e.status)
+        return MsgspecJSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

@@ -73,10 +73,12 @@ class ApiError(Exception):
     """An answer other than 200, in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message = status, message
         self.type, self.param, self.code = type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -123,6 +125,12 @@ class _GenerationRequest(BaseModel):
     ignore_eos: StrictBool | None = False
     stop_token_ids: list[Annotated[int, Strict(), Field(ge=0, le=I64_MAX)]] | None = None
     include_stop_str_in_output: StrictBool | None = False
+    # splitserve extensions: this request's SLOs in seconds (admission control judges it by
+    # them instead of serve's --ttft-slo / --tpot-slo)
+    ttft_slo: StrictFloat | None = Field(None, gt=0, le=86400)
+    tpot_slo: StrictFloat | None = Field(None, gt=0, le=3600)
+    # vLLM's: lower is more important; admission refuses priority > 0 first (default 0)
+    priority: StrictInt | None = Field(None, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop", mode="wrap")
     @classmethod

@@ -136,8 +136,11 @@ class Simulator:
     """The run function bench/experiment.py calls: every call simulates one run afresh."""
 
     def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
-                 record: bool = False, quiet: bool = False):
+                 record: bool = False, quiet: bool = False, admission=None):
+        """`admission`: () -> a fresh router.admission.Admission for each run (the server's
+        own policy), or None: accept every request."""
         self.dep, self.latency, self.settings = dep, latency, s
+        self.admission = admission
         self.workers = build_workers(dep, latency, s)
         host_cpu = s.host_cpu_ms_per_token
         if host_cpu is None:
@@ -152,7 +155,8 @@ class Simulator:
         self.events = 0
 
     def __call__(self, specs: list[RequestSpec]) -> LoadResult:
-        sim = self.simulation = Simulation(self.workers, self.latency, self.config)
+        sim = self.simulation = Simulation(self.workers, self.latency, self.config,
+                                           self.admission() if self.admission else None)
         t0 = time.perf_counter()
         res = sim.run(specs, prompt_tokens(specs))
         wall = time.perf_counter() - t0
@@ -204,10 +208,30 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="router <-> worker, one way")
     g.add_argument("--data-hop-latency-ms", type=E.non_negative, default=SimSettings.data_hop_ms,
                    help="prefill -> decode notices")
+    g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"],
+                   help="the router's admission control, as serve --admission, judged by the "
+                        "experiment's --ttft-slo / --tpot-slo and priced by the latency model")
+    g.add_argument("--max-queue", type=E.non_negative, default=256,
+                   help="requests in flight per worker beyond which new ones are refused (0: "
+                        "unbounded), as serve --max-queue")
     g.add_argument("--host-cpu-ms-per-token", type=E.non_negative, default=None,
                    help="CPU the API server, router and client take from the workers' cores per "
                         f"streamed token when none is idle (default {CPU_HOST_MS_PER_TOKEN} on "
                         "CPU, 0 for a GPU model)")
+
+
+def admission_factory(a, dep: DeploymentSpec, latency: LatencyModel):
+    """() -> the Admission serve would run with these flags, or None (off, unbounded)."""
+    from splitserve.router.admission import SLO, Admission, CostModel
+
+    mode, max_queue = getattr(a, "admission", "off"), int(getattr(a, "max_queue", 0))
+    if mode == "off" and not max_queue:
+        return None
+    slo = SLO(*E.slos(a)) if mode != "off" else None
+    cost = (CostModel(latency, dep.max_num_batched_tokens, a.local_prefill_chunk,
+                      overhead_s=(2 * a.api_latency_ms + 4 * a.hop_latency_ms) / 1e3)
+            if mode != "off" else None)
+    return lambda: Admission(mode, cost, slo, max_queue=max_queue)
 
 
 def main(a) -> int:
@@ -216,7 +240,8 @@ def main(a) -> int:
         latency = build_latency_model(a.latency_model)
     except ValueError as e:
         raise SimError(str(e)) from None
-    sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet)
+    sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
+                    admission=admission_factory(a, dep, latency))
     print(f"simulating {dep.name} ({', '.join(dep.roles)}) with {latency.describe()}",
           file=sys.stderr)
     out = E.run_experiment(a, sim, a.cores or sim.cores,

@@ -22,6 +22,7 @@ from splitserve.bench.goodput import RequestRecord
 from splitserve.bench.workloads import RequestSpec
 from splitserve.errors import InvalidRequestError, ServiceUnavailable
 from splitserve.request import Request
+from splitserve.router.admission import Overloaded
 from splitserve.router.policies import LocalPrefill
 from splitserve.router.state import RouterState
 from splitserve.sim.events import EventLoop
@@ -62,6 +63,7 @@ class _Client:
     n_out: int = 0
     t_done: float | None = None
     error: str | None = None
+    rejected: bool = False  # admission control refused it (a 429)
     prompt: list[int] = field(default_factory=list)
 
 
@@ -75,7 +77,9 @@ class SimResult:
 
 
 class Simulation:
-    def __init__(self, workers: list[WorkerSpec], latency: LatencyModel, config: SimConfig):
+    def __init__(self, workers: list[WorkerSpec], latency: LatencyModel, config: SimConfig,
+                 admission=None):
+        """`admission`: a router.admission.Admission (the server's own), or None: accept all."""
         if not workers:
             raise ValueError("a deployment needs at least one worker")
         self.config = config
@@ -83,7 +87,7 @@ class Simulation:
         self.loop = EventLoop()
         roles = {w.role for w in workers}
         local = config.local_prefill and "decode" in roles
-        self.state = RouterState(LocalPrefill() if local else None)
+        self.state = RouterState(LocalPrefill() if local else None, admission)
         self.state.routes = []
         self.workers: dict[str, SimWorker] = {}
         for i, spec in enumerate(workers):
@@ -124,14 +128,18 @@ class Simulation:
         return RequestRecord(ok=ok, t_due=s.arrival_s, t_sent=s.arrival_s,
                              t_done=c.t_done if c.t_done is not None else self.loop.now,
                              token_times=c.token_times, n_out=c.n_out, input_len=len(c.prompt),
-                             output_len=s.output_len, error=error, meta=s.meta)
+                             output_len=s.output_len, error=error, meta=s.meta,
+                             rejected=c.rejected)
 
     # -- the router ------------------------------------------------------------------------
     def _route(self, rid: str) -> None:
         c = self.clients[rid]
         now = self.loop.now
         try:
-            t = self.state.route(rid, len(c.prompt), now)
+            t = self.state.route(rid, len(c.prompt), now, max_tokens=c.spec.output_len)
+        except Overloaded as e:  # refused at once: the client gets its 429
+            c.error, c.rejected, c.t_done = str(e), True, now + self.config.api_s
+            return
         except (ServiceUnavailable, InvalidRequestError) as e:
             self._fail(rid, str(e))
             return
@@ -158,7 +166,7 @@ class Simulation:
                 if self.state.speaker(rid, wid) is not None:
                     self._fail(rid, o.failed)
                 continue
-            if self.state.on_output(rid, wid, o.handover) is None:
+            if self.state.on_output(rid, wid, o.handover, tokens=o.num_new_tokens) is None:
                 continue
             c = self.clients[rid]
             if o.num_new_tokens:

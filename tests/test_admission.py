@@ -1,0 +1,164 @@
+"""Admission arithmetic against hand-computed figures: a linear latency model (10 ms a step,
+1 ms a prompt token, 5 ms a decode) makes every prediction a sum one can do on paper."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.router.admission import SLO, Admission, CostModel, Overloaded
+from splitserve.router.state import RouterState
+from splitserve.sim.latency.base import Batch, LatencyModel
+
+
+class Linear(LatencyModel):
+    name = "linear"
+
+    def step_time(self, batch: Batch) -> float:
+        return 0.010 + 0.001 * batch.num_prefill_tokens + 0.005 * batch.num_decodes
+
+
+def cost() -> CostModel:
+    return CostModel(Linear(), chunk_tokens=100, busy_chunk_tokens=10)
+
+
+def test_prefill_time_is_the_backlog_then_the_prompt_in_chunks():
+    c = cost()
+    # backlog 250 = 100 + 100 + 50: 0.11 + 0.11 + 0.06; prompt 150 = 100 + 50: 0.11 + 0.06
+    assert c.prefill_s(250, 150) == pytest.approx(0.45)
+    assert c.prefill_s(0, 0) == 0.0
+    # a worker that also decodes 2 requests: 10-token chunks, each step +10 ms of decodes
+    assert c.prefill_s(0, 25, decodes=2) == pytest.approx(2 * 0.030 + 0.025)
+    assert CostModel(Linear(), 100, overhead_s=0.2).prefill_s(0, 100) == pytest.approx(0.31)
+    assert c.decode_step_s(4, 500) == pytest.approx(0.030)
+    assert c.max_batch(0.030, 100) == 4 and c.max_batch(0.012, 100) == 0
+
+
+def _pd(admission: Admission | None = None) -> RouterState:
+    s = RouterState(admission=admission)
+    s.add_worker("p0", "prefill", 1000, 0.0)
+    s.add_worker("d0", "decode", 1000, 0.0)
+    return s
+
+
+def _decoding(s: RouterState, rid: str, prompt: int, max_tokens: int, out: int) -> None:
+    """A P/D request admitted at d0 that has generated `out` tokens."""
+    s.route(rid, prompt, 0.0, max_tokens=max_tokens)
+    assert s.on_reserved(rid, "d0", 0.0) == "p0"
+    s.prefill_sent(rid, True)
+    assert s.on_output(rid, "d0", True, tokens=out) is not None
+
+
+def test_predictive_counts_its_own_prefill_and_reactive_only_the_backlog():
+    slo = SLO(ttft_s=0.5, tpot_s=1.0)
+    for mode, admitted in (("reactive", True), ("predictive", False)):
+        s = _pd(Admission(mode, cost(), slo))
+        s.admission.mode = "off"
+        s.route("q", 300, 0.0, max_tokens=10)  # 300 tokens queued at p0: 0.33 s
+        s.admission.mode = mode
+        try:
+            s.route("r", 300, 0.0, max_tokens=10)  # + its own 300: 0.66 s > 0.5 s
+            got = True
+        except Overloaded as e:
+            got = False
+            v = e.verdict
+            assert v.reason == "ttft" and v.ttft_s == pytest.approx(0.66)
+            assert e.retry_after_s == 1  # 0.16 s over, in whole seconds, at least 1
+            assert "time to first token 0.66 s exceeds the SLO of 0.5 s" in str(e)
+        assert got is admitted, mode
+        s.check_loads()
+        if not got:  # refused: nothing charged, nothing tracked
+            assert "r" not in s.tracks and s.workers["p0"].queued_prompt_tokens == 300
+            assert s.admission.counts == {"admitted": 1, "ttft": 1, "tpot": 0, "queue": 0}
+
+
+def test_predictive_lets_in_what_will_fit_when_it_arrives_reactive_refuses_on_the_batch_now():
+    """d0 decodes 3 requests with 2 tokens left each; a step of 4 decodes (30 ms) is over the
+    25 ms TPOT SLO, but the newcomer's prefill (0.11 s) outlasts their 2 x 25 ms: predicted,
+    it decodes beside nobody."""
+    slo = SLO(ttft_s=1.0, tpot_s=0.025)
+    outcomes = {}
+    for mode in ("reactive", "predictive"):
+        s = _pd(Admission("off", cost(), slo))
+        for i in range(3):
+            _decoding(s, f"d{i}", 50, 10, 8)
+        s.admission.mode = mode
+        try:
+            s.route("new", 100, 0.0, max_tokens=10)
+            outcomes[mode] = "admitted"
+        except Overloaded as e:
+            outcomes[mode] = e.verdict
+    assert outcomes["predictive"] == "admitted"
+    v = outcomes["reactive"]
+    assert v.reason == "tpot" and v.tpot_s == pytest.approx(0.030)
+    # one of the 3 must finish for 3 to fit (max_batch(25 ms) = 3): 2 tokens at 25 ms each
+    assert v.retry_after_s == 1
+
+
+def test_predictive_counts_requests_still_in_prefill_for_the_decode_worker():
+    """Requests routed to d0 but not handed over yet will be decoding there when the newcomer
+    arrives: 2 decoding (many tokens left) + 2 in prefill + it = 5 decodes, 35 ms > 30 ms."""
+    slo = SLO(ttft_s=10.0, tpot_s=0.030)
+    s = _pd(Admission("off", cost(), slo))
+    for i in range(2):
+        _decoding(s, f"d{i}", 50, 1000, 1)
+    for i in range(2):
+        s.route(f"p{i}", 20, 0.0, max_tokens=1000)
+    s.admission.mode = "predictive"
+    with pytest.raises(Overloaded) as e:
+        s.route("new", 20, 0.0, max_tokens=10)
+    assert e.value.reason == "tpot" and e.value.verdict.tpot_s == pytest.approx(0.035)
+    s.admission.mode = "reactive"  # the batch now (2 + it) fits
+    s.route("new", 20, 0.0, max_tokens=10)
+    s.check_loads()
+
+
+def test_a_full_worker_queue_refuses_in_every_mode_and_a_request_slo_overrides():
+    s = _pd(Admission("off", max_queue=2))
+    s.route("a", 10, 0.0)
+    s.route("b", 10, 0.0)
+    with pytest.raises(Overloaded) as e:
+        s.route("c", 10, 0.0)
+    assert e.value.reason == "queue" and e.value.retry_after_s == 1 and "queue is full" in str(e.value)
+    s.finish("a")
+    s.route("c", 10, 0.0)
+    s.check_loads()
+
+    s = _pd(Admission("predictive", cost(), SLO(0.05, 1.0)))
+    with pytest.raises(Overloaded):
+        s.route("x", 100, 0.0, max_tokens=4)  # 0.11 s > 50 ms
+    s.route("x", 100, 0.0, max_tokens=4, slo=SLO(0.2, 1.0))  # its own, looser SLO
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="admission mode"):
+        Admission("sometimes")
+    with pytest.raises(ValueError, match="needs a cost model"):
+        Admission("predictive", None, SLO(1, 1))
+    with pytest.raises(ValueError, match="tpot_s"):
+        SLO(1.0, 0)
+    with pytest.raises(ValueError, match="max_queue"):
+        Admission("off", max_queue=-1)
+
+
+def test_less_important_requests_are_refused_first():
+    """priority 1 uses 80 % of the SLOs and 75 % of a queue: at a load the default priority
+    still fits, it is refused; a more important one (-1) is judged by the full SLOs."""
+    s = _pd(Admission("predictive", cost(), SLO(ttft_s=0.12, tpot_s=1.0), max_queue=4))
+    # 100 prompt tokens: 0.11 s predicted; 0.12 s for priority <= 0, 0.096 s for priority 1
+    with pytest.raises(Overloaded) as e:
+        s.route("low", 100, 0.0, max_tokens=4, priority=1)
+    assert e.value.reason == "ttft"
+    s.route("normal", 100, 0.0, max_tokens=4)
+    s.finish("normal")
+    s.route("high", 100, 0.0, max_tokens=4, priority=-1)
+    s.finish("high")
+    s.admission.mode = "off"
+    for i in range(3):
+        s.route(f"q{i}", 10, 0.0, priority=-5)
+    with pytest.raises(Overloaded) as e:  # 3 in flight = 75 % of 4
+        s.route("low", 10, 0.0, priority=2)
+    assert e.value.reason == "queue" and "for priority > 0" in str(e.value)
+    s.route("normal", 10, 0.0)  # the 4th place is the default priority's
+    with pytest.raises(Overloaded):
+        s.route("more", 10, 0.0, priority=-1)
+    s.check_loads()
