@@ -188,15 +188,31 @@ class SchedulerConfig:
     role: Role = "colocated"
     # Chunked mode: a step that also decodes prefills at most this many prompt tokens (None:
     # the whole budget). A decode worker's own prefills use it to keep its decode steps short.
-    prefill_chunk_while_decoding: int | None = None
+    # A tuple: the cap when 1, 2, ... requests decode (the last entry for more; 0: no prompt
+    # token beside that many decodes), as serve --local-prefill slo sizes it to the TPOT SLO.
+    prefill_chunk_while_decoding: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.role not in ("colocated", "prefill", "decode"):
             raise InvalidRequestError(f"role must be colocated, prefill or decode, got {self.role!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if self.prefill_chunk_while_decoding is not None and self.prefill_chunk_while_decoding < 1:
+        cap = self.prefill_chunk_while_decoding
+        if isinstance(cap, tuple):
+            if not cap or any(not isinstance(c, int) or c < 0 for c in cap):
+                raise InvalidRequestError("prefill_chunk_while_decoding: a tuple of token counts "
+                                          f">= 0, one per number of decodes, got {cap!r}")
+        elif cap is not None and cap < 1:
             raise InvalidRequestError("prefill_chunk_while_decoding must be >= 1 (or None)")
+
+    def prefill_cap(self, decoding: int) -> int | None:
+        """The prompt tokens a step with `decoding` decodes may add (None: the whole budget)."""
+        cap = self.prefill_chunk_while_decoding
+        if not decoding or cap is None:
+            return None
+        if isinstance(cap, tuple):
+            return cap[min(decoding, len(cap)) - 1]
+        return cap
 
 
 @dataclass(frozen=True)

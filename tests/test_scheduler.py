@@ -239,6 +239,32 @@ def test_prefill_chunk_while_decoding_caps_waiting_prompts_too_and_not_without_d
         SchedulerConfig(prefill_chunk_while_decoding=0)
 
 
+def test_a_chunk_table_caps_prompt_tokens_by_how_many_decode():
+    """(6, 3, 0): beside 1 decode 6 prompt tokens a step, beside 2 decodes 3, beside 3 or
+    more none (the prompt waits); alone, the full budget."""
+    s = make(budget=16, cap=(6, 3, 0))
+    a, b = req("a", 4, max_tokens=20), req("b", 4, max_tokens=20)
+    s.add_request(a)
+    step(s)  # a decodes from now on
+    s.add_request(req("p", 40))
+    assert [(c.request.request_id, c.num_new_tokens) for c in step(s).chunks] == [("a", 1), ("p", 6)]
+    s.add_request(b)  # waits behind p (FIFO), then joins
+    chunks = [(c.request.request_id, c.num_new_tokens) for c in step(s).chunks]
+    assert chunks == [("a", 1), ("p", 6)], chunks
+    s.finish_request("p", RequestStatus.FINISHED_ABORTED)
+    step(s)  # b prefilled (beside 1 decode: 4 <= 6 tokens)
+    s.add_request(req("q", 40))
+    chunks = [(c.request.request_id, c.num_new_tokens) for c in step(s).chunks]
+    assert chunks == [("a", 1), ("b", 1), ("q", 3)], chunks
+    s.add_request(c3 := req("c", 1, max_tokens=20))
+    s.finish_request("q", RequestStatus.FINISHED_ABORTED)
+    step(s)  # c (1 token) prefilled beside 2 decodes
+    assert c3.output_token_ids
+    s.add_request(req("r", 40))
+    chunks = [(c.request.request_id, c.num_new_tokens) for c in step(s).chunks]
+    assert chunks == [("a", 1), ("b", 1), ("c", 1)], chunks  # 3 decodes: no prompt token
+
+
 def test_decode_role_first_token_can_finish():
     s = make(role="decode")
     r = req("a", 5, max_tokens=1)

@@ -245,6 +245,9 @@ def row(label: str, rate: float | None, res: LoadResult, ttft_slo: float, tpot_s
     return {"run": label, "rate": rate, "attainment": attainment(res.records, ttft_slo, tpot_slo),
             "requests": s["requests"], "rejected": s["rejected"], "failed": s["failed"],
             "met_slo": met, "goodput_req_s": met / span if span > 0 else None,
+            # prefill work the server spent on requests it took and that then missed an SLO
+            "missed_prefill_tok": sum(r.input_len for r in res.records
+                                      if not r.rejected and not r.meets(ttft_slo, tpot_slo)),
             "ttft_p50": s["ttft_s"].get("p50"), "ttft_p90": s["ttft_s"].get("p90"),
             "tpot_p50": s["tpot_s"].get("p50"), "tpot_p90": s["tpot_s"].get("p90"),
             "e2e_p50": s["e2e_s"].get("p50"), "out_tok_s": s["output_token_throughput"],

@@ -150,10 +150,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if self.config.chunked_prefill:
-            cap = self.config.prefill_chunk_while_decoding
-            decoding = cap is not None and any(
-                r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill for r in self.running)
-            prefill_budget = cap if decoding else budget
+            cfg = self.config
+            cap = None
+            if cfg.prefill_chunk_while_decoding is not None:
+                decoding = sum(1 for r in self.running
+                               if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill)
+                cap = cfg.prefill_cap(decoding)
+            prefill_budget = budget if cap is None else cap
             budget, prefill_budget = self._schedule_running(out, budget, prefill_budget)
             if not out.preempted:
                 self._schedule_waiting(out, min(budget, prefill_budget), chunked=True)

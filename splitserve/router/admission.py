@@ -149,6 +149,32 @@ class CostModel:
             done += n
         return total + (self.overhead_s if prompt_tokens else 0.0)
 
+    def busy_step_s(self, decodes: int, chunk: int, context: int) -> float:
+        """One step of `decodes` decodes (about `context` tokens each) plus a prompt chunk."""
+        return self._chunk_s(chunk, 0, decodes, context)
+
+    def chunk_table(self, tpot_s: float, max_decodes: int, context: int,
+                    max_chunk: int | None = None) -> tuple[int, ...]:
+        """For 1, 2, ... decodes: the most prompt tokens a step may add and still take at
+        most `tpot_s` (0: not one), as SchedulerConfig.prefill_chunk_while_decoding takes it;
+        the trailing repeats of the last entry are dropped."""
+        top = max_chunk or self.chunk_tokens
+        out = []
+        for b in range(1, max_decodes + 1):
+            lo, hi = 0, top
+            while lo < hi:  # the largest chunk that fits (step time grows with it)
+                mid = (lo + hi + 1) // 2
+                if self.busy_step_s(b, mid, context) <= tpot_s:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out.append(lo)
+            if lo == 0:
+                break
+        while len(out) > 1 and out[-1] == out[-2]:
+            out.pop()
+        return tuple(out)
+
     def max_batch(self, tpot_s: float, context: int, limit: int = 4096) -> int:
         """The largest decode batch whose step meets `tpot_s` (0: not even one request)."""
         lo, hi = 0, limit

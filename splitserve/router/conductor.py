@@ -70,7 +70,7 @@ class _Stream:
 class Conductor:
     def __init__(self, model: str = "default", served_model_name: str = "default",
                  bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
-                 tokenizer=None, local_prefill: bool = True, admission=None):
+                 tokenizer=None, local_prefill=True, admission=None):
         self.model = model
         self.served_model_name = served_model_name
         self.bind = bind
@@ -78,7 +78,10 @@ class Conductor:
         self._tokenizer = tokenizer
         self.prompts: PromptEncoder | None = None
         # admission.Admission (None: accept everything, no queue bound)
-        self.state = RouterState(LocalPrefill() if local_prefill else None, admission)
+        # local_prefill: True (policies.LocalPrefill), False / None (off), or a policy object
+        if local_prefill is True:
+            local_prefill = LocalPrefill()
+        self.state = RouterState(local_prefill or None, admission)
         if decision_log.directory():
             self.state.routes = []
         self.workers: dict[str, WorkerHandle] = {}

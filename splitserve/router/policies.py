@@ -68,3 +68,55 @@ class LocalPrefill:
             return None
         best = min(candidates, key=lambda d: (cost(d), d.decoding, d.prefill_tokens, d.worker_id))
         return best.worker_id if cost(best) < prefill_queued_tokens + prompt_tokens else None
+
+
+# the decodes' KV length (prompt + output so far) SloLocalPrefill prices busy steps at
+SLO_CHUNK_CONTEXT = 512
+
+
+class SloLocalPrefill:
+    """Conditional disaggregation by the TPOT SLO (serve --local-prefill slo): a decode worker
+    prefills a request itself when, by the cost model (admission.CostModel), its first token
+    comes sooner there than behind the prefill worker's queue, and only in chunks its decodes
+    can take within the SLO: `chunks[b-1]` prompt tokens beside b decodes (CostModel.chunk_table;
+    the decode workers' schedulers cap their steps with worker_chunks(), the same table with
+    at least 1 token, so that a prefill under way still ends when hand-overs keep arriving).
+    A worker whose decodes leave fewer than MIN_CHUNK tokens of room takes no new prefill.
+    Idle, it prefills in full chunks; the hand-overs that then land there are held to the
+    table's chunks."""
+
+    MIN_CHUNK = 4
+
+    def __init__(self, cost, chunks: Sequence[int], context: int = SLO_CHUNK_CONTEXT):
+        if not chunks:
+            raise ValueError("the chunk table needs an entry per number of decodes")
+        self.cost = cost
+        self.chunks = tuple(chunks)
+        self.context = context  # the decodes' KV length the step times are priced at
+
+    def worker_chunks(self) -> tuple[int, ...]:
+        """The table for SchedulerConfig.prefill_chunk_while_decoding (no 0: see above)."""
+        return tuple(max(1, c) for c in self.chunks)
+
+    def chunk(self, decoding: int) -> int:
+        if decoding == 0:
+            return self.cost.chunk_tokens
+        return self.chunks[min(decoding, len(self.chunks)) - 1]
+
+    def local_s(self, d: DecodeLoad, prompt_tokens: int) -> float | None:
+        """Seconds to the request's first token on decode worker `d`, or None: no room."""
+        c = self.chunk(d.decoding)
+        if c < self.MIN_CHUNK:
+            return None
+        tokens = d.prefill_tokens + prompt_tokens
+        return -(-tokens // c) * self.cost.busy_step_s(d.decoding, c, self.context)
+
+    def pick(self, prompt_tokens: int, prefill_queued_tokens: int,
+             decodes: Sequence[DecodeLoad]) -> str | None:
+        remote = self.cost.prefill_s(prefill_queued_tokens, prompt_tokens)
+        best, best_s = None, remote
+        for d in sorted(decodes, key=lambda d: (d.decoding, d.worker_id)):
+            t = self.local_s(d, prompt_tokens)
+            if t is not None and t < best_s:
+                best, best_s = d.worker_id, t
+        return best

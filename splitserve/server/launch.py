@@ -11,6 +11,7 @@ serve started whose process exits is started again, with backoff (supervisor.py)
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -78,7 +79,7 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
            "--device", a.device, "--threads", str(a.threads or len(cores)),
            "--max-num-batched-tokens", str(a.max_num_batched_tokens),
            "--max-num-seqs", str(a.max_num_seqs), "--kv-cache-gb", str(a.kv_cache_gb),
-           "--local-prefill-chunk", str(a.local_prefill_chunk)]
+           "--local-prefill-chunk", chunk_flag(a.local_prefill_chunk)]
     if a.quantization:
         cmd += ["--quantization", a.quantization]
     if a.no_fast_linear:
@@ -121,18 +122,65 @@ def spawn_workers(conductor, roles: list[str], core_groups: list[list[int]], a,
 
 def build_admission(a):
     """serve's admission policy from its flags (run_serve checked them)."""
-    from splitserve.router.admission import SLO, Admission, CostModel
+    from splitserve.router.admission import SLO, Admission
 
     if a.admission == "off":
         return Admission("off", max_queue=a.max_queue) if a.max_queue else None
+    return Admission(a.admission, cost_model(a), SLO(a.ttft_slo, a.tpot_slo), max_queue=a.max_queue)
+
+
+def cost_model(a):
+    """The router's step-time arithmetic (admission.CostModel) from --latency-model."""
+    from splitserve.router.admission import CostModel
     from splitserve.sim.latency.registry import build_latency_model
 
     try:
         latency = build_latency_model(a.latency_model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"--latency-model {a.latency_model}: {e}") from None
-    cost = CostModel(latency, a.max_num_batched_tokens, a.local_prefill_chunk, overhead_s=0.005)
-    return Admission(a.admission, cost, SLO(a.ttft_slo, a.tpot_slo), max_queue=a.max_queue)
+    chunk = a.local_prefill_chunk if isinstance(a.local_prefill_chunk, int) else 8
+    return CostModel(latency, a.max_num_batched_tokens, chunk, overhead_s=0.005)
+
+
+def local_prefill_policy(a):
+    """The router's conditional-disaggregation policy for serve's flags (None: off); with
+    --local-prefill slo, also sets a.local_prefill_chunk to the chunk table the decode
+    workers cap their steps with."""
+    from splitserve.router.policies import SLO_CHUNK_CONTEXT, LocalPrefill, SloLocalPrefill
+
+    if a.colocated or a.local_prefill == "off":
+        return None
+    if a.no_chunked_prefill:
+        log.warning("--no-chunked-prefill: a decode worker could not prefill beside its decodes "
+                    "in small chunks, so local prefill is off")
+        return None
+    if a.local_prefill == "auto":
+        return LocalPrefill()
+    cost = cost_model(a)
+    table = cost.chunk_table(a.tpot_slo, a.max_num_seqs, SLO_CHUNK_CONTEXT)
+    policy = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
+    a.local_prefill_chunk = policy.worker_chunks()
+    log.info("--local-prefill slo: prompt tokens per step beside 1, 2, ... decodes: %s", table)
+    return policy
+
+
+def chunk_flag(chunk: int | tuple[int, ...]) -> str:
+    return str(chunk) if isinstance(chunk, int) else ",".join(map(str, chunk))
+
+
+def parse_chunks(text: str) -> int | tuple[int, ...]:
+    """--local-prefill-chunk: N, or N1,N2,... (per number of decodes; 0: none)."""
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N1,N2,... token counts, got {text!r}") from None
+    if len(parts) == 1:
+        if parts[0] < 1:
+            raise argparse.ArgumentTypeError(f"a chunk must be >= 1 token, got {parts[0]}")
+        return parts[0]
+    if any(p < 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"chunks must be >= 0 tokens, got {text!r}")
+    return tuple(parts)
 
 
 async def run_deployment(a) -> int:
@@ -151,13 +199,8 @@ async def run_deployment(a) -> int:
     if len(core_groups) != len(roles):
         raise SystemExit(f"--worker-cores names {len(core_groups)} groups for {len(roles)} workers")
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
-    local_prefill = a.local_prefill == "auto" and not a.colocated
-    if local_prefill and a.no_chunked_prefill:
-        log.warning("--no-chunked-prefill: a decode worker could not prefill beside its decodes "
-                    "in small chunks, so local prefill is off")
-        local_prefill = False
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
-                          local_prefill=local_prefill, admission=build_admission(a))
+                          local_prefill=local_prefill_policy(a), admission=build_admission(a))
     await conductor.start()
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
@@ -208,10 +251,12 @@ def add_serve_args(p) -> None:
                    help="the router's control socket (bind beyond loopback for remote workers)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--local-prefill", default="auto", choices=["auto", "off"],
+    p.add_argument("--local-prefill", default="auto", choices=["auto", "off", "slo"],
                    help="P/D: a request whose prefill would queue behind another while a decode "
                         "worker has nothing to decode is prefilled on that decode worker (auto), "
-                        "or always on a prefill worker (off)")
+                        "or always on a prefill worker (off), or on a decode worker wherever the "
+                        "cost model says its first token comes sooner, in chunks sized to keep "
+                        "that worker's decodes within --tpot-slo (slo; needs --latency-model)")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker counts as dead")
     p.add_argument("--max-restarts", type=int, default=None,
@@ -253,7 +298,7 @@ def add_worker_args(p) -> None:
                    help="how long a reserved request may wait for its prefill to start")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--local-prefill-chunk", type=int, default=8,
+    p.add_argument("--local-prefill-chunk", type=parse_chunks, default=8,
                    help="decode workers: prompt tokens per step of a prefill the router gave the "
                         "decode worker itself (see serve --local-prefill) while it also decodes; "
                         "a decode step plus this chunk should stay under the TPOT SLO (one CPU "
@@ -282,6 +327,11 @@ def run_serve(a) -> int:
                                   ("--latency-model", a.latency_model)) if v is None]
         if missing:
             raise SystemExit(f"--admission {a.admission} needs {', '.join(missing)}")
+    if a.local_prefill == "slo":
+        missing = [f for f, v in (("--tpot-slo", a.tpot_slo), ("--latency-model", a.latency_model))
+                   if v is None]
+        if missing:
+            raise SystemExit(f"--local-prefill slo needs {', '.join(missing)}")
     for flag, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo)):
         if v is not None and not v > 0:
             raise SystemExit(f"{flag} must be a positive number of seconds, got {v:g}")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,7 +54,7 @@ CPU_HOST_MS_PER_TOKEN = 0.75
 class SimSettings:
     block_size: int = 16
     max_num_seqs: int = 64
-    local_prefill_chunk: int = 8
+    local_prefill_chunk: int | tuple[int, ...] = 8
     kv_cache_gb: float = KV_CACHE_GB
     model_shape: str = "SmolLM2-135M"  # whose KV a latency model without a shape moves
     max_model_len: int = 8192
@@ -136,11 +136,17 @@ class Simulator:
     """The run function bench/experiment.py calls: every call simulates one run afresh."""
 
     def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
-                 record: bool = False, quiet: bool = False, admission=None):
+                 record: bool = False, quiet: bool = False, admission=None, local_prefill=None):
         """`admission`: () -> a fresh router.admission.Admission for each run (the server's
-        own policy), or None: accept every request."""
+        own policy), or None: accept every request. `local_prefill`: a policies.SloLocalPrefill
+        (its chunk table then caps the decode workers' steps), or None: the default."""
         self.dep, self.latency, self.settings = dep, latency, s
         self.admission = admission
+        self.local_prefill = local_prefill
+        if local_prefill is not None:
+            s = replace(s, local_prefill_chunk=local_prefill.worker_chunks())
+            if not dep.local_prefill:
+                raise SimError(f"deployment {dep.name!r} has local prefill off")
         self.workers = build_workers(dep, latency, s)
         host_cpu = s.host_cpu_ms_per_token
         if host_cpu is None:
@@ -156,7 +162,8 @@ class Simulator:
 
     def __call__(self, specs: list[RequestSpec]) -> LoadResult:
         sim = self.simulation = Simulation(self.workers, self.latency, self.config,
-                                           self.admission() if self.admission else None)
+                                           self.admission() if self.admission else None,
+                                           self.local_prefill)
         t0 = time.perf_counter()
         res = sim.run(specs, prompt_tokens(specs))
         wall = time.perf_counter() - t0
@@ -191,6 +198,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=E.positive(int), default=64)
     g.add_argument("--block-size", type=E.positive(int), default=16)
     g.add_argument("--local-prefill-chunk", type=E.positive(int), default=8)
+    g.add_argument("--local-prefill", default="auto", choices=["auto", "slo"],
+                   help="a P/D deployment's conditional disaggregation: the default policy, or "
+                        "serve --local-prefill slo's (by the latency model, chunks sized to the "
+                        "experiment's --tpot-slo)")
     g.add_argument("--kv-cache-gb", type=E.positive(float), default=KV_CACHE_GB,
                    help="each worker's KV pool when the latency model knows no GPU")
     g.add_argument("--model-shape", default="SmolLM2-135M",
@@ -240,8 +251,16 @@ def main(a) -> int:
         latency = build_latency_model(a.latency_model)
     except ValueError as e:
         raise SimError(str(e)) from None
+    local = None
+    if a.local_prefill == "slo":
+        from splitserve.router.admission import CostModel
+        from splitserve.router.policies import SLO_CHUNK_CONTEXT, SloLocalPrefill
+
+        cost = CostModel(latency, dep.max_num_batched_tokens, a.local_prefill_chunk)
+        table = cost.chunk_table(E.slos(a)[1], a.max_num_seqs, SLO_CHUNK_CONTEXT)
+        local = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
     sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
-                    admission=admission_factory(a, dep, latency))
+                    admission=admission_factory(a, dep, latency), local_prefill=local)
     print(f"simulating {dep.name} ({', '.join(dep.roles)}) with {latency.describe()}",
           file=sys.stderr)
     out = E.run_experiment(a, sim, a.cores or sim.cores,

@@ -78,8 +78,10 @@ class SimResult:
 
 class Simulation:
     def __init__(self, workers: list[WorkerSpec], latency: LatencyModel, config: SimConfig,
-                 admission=None):
-        """`admission`: a router.admission.Admission (the server's own), or None: accept all."""
+                 admission=None, local_prefill=None):
+        """`admission`: a router.admission.Admission (the server's own), or None: accept all.
+        `local_prefill`: the conditional-disaggregation policy when config.local_prefill
+        (default policies.LocalPrefill)."""
         if not workers:
             raise ValueError("a deployment needs at least one worker")
         self.config = config
@@ -87,7 +89,7 @@ class Simulation:
         self.loop = EventLoop()
         roles = {w.role for w in workers}
         local = config.local_prefill and "decode" in roles
-        self.state = RouterState(LocalPrefill() if local else None, admission)
+        self.state = RouterState((local_prefill or LocalPrefill()) if local else None, admission)
         self.state.routes = []
         self.workers: dict[str, SimWorker] = {}
         for i, spec in enumerate(workers):
