@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "prefill-first) and llama-server, each started here")
     bench_compare.add_args(bc)
     bc.set_defaults(func=bench_compare.main)
+    from splitserve.bench import admission as bench_admission
+
+    ba = bsub.add_parser("admission", help="the router time admission control adds per request "
+                         "(route() p50 / p99, refused and admitted, vs admission off)")
+    bench_admission.add_args(ba)
+    ba.set_defaults(func=bench_admission.main)
     from splitserve.bench import soak as bench_soak
 
     bk = bsub.add_parser("soak", help="start serve, load it for --minutes while SIGKILLing "

@@ -181,7 +181,8 @@ def fifo(service_s: float, tpot_s: float, calls: list):
     return run
 
 
-PROBE_KEYS = ["run", "rate", "attainment", "requests", "failed", "ttft_p50", "ttft_p90",
+PROBE_KEYS = ["run", "rate", "attainment", "requests", "rejected", "failed", "met_slo",
+              "goodput_req_s", "missed_prefill_tok", "reject_ms_p99", "ttft_p50", "ttft_p90",
               "tpot_p50", "tpot_p90", "e2e_p50", "out_tok_s", "client_cpu_s", "wall_s"]
 JSON_KEYS = ["workload", "num_requests", "ttft_slo_s", "tpot_slo_s", "cores", "seed", "cv",
              "length_scale", "time_scale"]  # then `extra`, then the results

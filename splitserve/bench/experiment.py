@@ -32,6 +32,7 @@ from splitserve.bench.goodput import (
     goodput_bisect,
     met_slo,
     per_core,
+    percentiles,
     slo_scale_sweep,
     summarize,
     to_markdown,
@@ -248,10 +249,16 @@ def row(label: str, rate: float | None, res: LoadResult, ttft_slo: float, tpot_s
             # prefill work the server spent on requests it took and that then missed an SLO
             "missed_prefill_tok": sum(r.input_len for r in res.records
                                       if not r.rejected and not r.meets(ttft_slo, tpot_slo)),
+            # how long a 429 took, as the client saw it (sent to answered)
+            "reject_ms_p99": _ms(percentiles([r.e2e for r in res.records if r.rejected], (99,))["p99"]),
             "ttft_p50": s["ttft_s"].get("p50"), "ttft_p90": s["ttft_s"].get("p90"),
             "tpot_p50": s["tpot_s"].get("p50"), "tpot_p90": s["tpot_s"].get("p90"),
             "e2e_p50": s["e2e_s"].get("p50"), "out_tok_s": s["output_token_throughput"],
             "client_cpu_s": res.client_cpu_s, "wall_s": res.wall_s}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def measure_goodput(a, specs: list[W.RequestSpec], run_fn: RunFn, cores: int) -> dict:

@@ -12,6 +12,7 @@ block held and no integrity error."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -136,8 +137,11 @@ def test_a_killed_decode_worker_comes_back_as_a_new_epoch_and_serves(srv, offlin
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     _wait_for(lambda: len(events) >= 5, 120, "the stream to be under way")
-    _, after = _kill_and_wait_back(srv, "decode", stream_failed)
+    before, after = _kill_and_wait_back(srv, "decode", stream_failed)
     assert after["epoch"] == 3 and after["restarts"] >= 2, after
+    # the router unlinked the dead incarnation's shared-memory KV pool
+    assert not glob.glob(f"/dev/shm/splitserve-kv-{before['pid']}-*")
+    assert glob.glob(f"/dev/shm/splitserve-kv-{after['pid']}-*")
 
     ids = offline.encode(GARDEN)
     r = _complete(srv, ids, 16)
@@ -231,5 +235,8 @@ def test_a_worker_that_dies_at_once_is_restarted_at_growing_intervals_up_to_max_
         r = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": "default", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(ids, 8), r.text
+        # prefilled by the decode worker itself: no prefill worker is left
+        row = httpx.get(url + "/health", timeout=5).json()["workers"][0]
+        assert row["role"] == "decode" and row["local_prefills"] == 1, row
     finally:
         stop_server(proc)

@@ -10,6 +10,7 @@ waits for):
 2. started again at once, within the timeout: its answer to their heartbeats (Rejoin: it has
    no registration for them) makes them abort and register again.
 
+(First, a third worker whose KV dtype differs from the deployment's is refused, naming it.)
 Each time the new router sees both workers idle, with no block held, having rejoined once
 more, and a request then gets the offline engine's greedy text. A worker that ignored the
 loss would still be decoding the orphan (running 1, blocks held) for minutes."""
@@ -121,6 +122,13 @@ def test_workers_abort_their_orphans_and_register_again_when_the_router_restarts
     workers = {role: _worker(role, router_port, logs[role]) for role in logs}
     try:
         _wait_for(lambda: _rows_after(router, 0), 180, "both workers to register")
+        # a worker that does not match the deployment is refused, by name of what differs
+        bad = subprocess.run(
+            [sys.executable, "-m", "splitserve.cli", "worker", "--role", "decode", "--router",
+             f"127.0.0.1:{router_port}", "--worker-id", "fp32", "--dtype", "float32",
+             *Server.COMMON], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "refused" in bad.stderr and "dtype" in bad.stderr, bad.stderr
+        assert _rows_after(router, 0) is not None
         ids = offline.encode(SHIP + " and then")
         want = offline(ids, 8)
 
