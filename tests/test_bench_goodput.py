@@ -23,6 +23,7 @@ from splitserve.bench.goodput import (
     RequestRecord,
     attainment,
     goodput_bisect,
+    met_slo,
     per_core,
     slo_scale_sweep,
     summarize,
@@ -345,6 +346,9 @@ def fake_app(bodies: list):
         prompt, n = body["prompt"], body["max_tokens"]
         if prompt == "reject":
             return JSONResponse({"error": {"message": "prompt too long"}}, status_code=400)
+        if prompt == "overloaded":  # admission control's answer
+            return JSONResponse({"error": {"message": "predicted TTFT exceeds the SLO"}},
+                                status_code=429, headers={"Retry-After": "2"})
 
         async def events():
             await asyncio.sleep(TTFT_S)
@@ -380,10 +384,10 @@ def spec(prompt, arrival=0.0, out=6) -> W.RequestSpec:
 def test_run_load_records_the_fake_servers_delays(fake_server, capsys):
     url, bodies = fake_server
     specs = [spec([101, 102, 103], 0.0), spec([104], 0.1), spec([105, 106], 0.2),
-             spec("fail", 0.05), spec("reject", 0.05)]
+             spec("fail", 0.05), spec("reject", 0.05), spec("overloaded", 0.05)]
     res = asyncio.run(run_load(url, specs, "fake", progress=True))
-    assert "[bench] 5/5 done, 2 failed, 0 in flight" in capsys.readouterr().err
-    ok, fail, reject = res.records[:3], res.records[3], res.records[4]
+    assert "[bench] 6/6 done, 3 failed, 0 in flight" in capsys.readouterr().err
+    ok, fail, reject, refused = res.records[:3], res.records[3], res.records[4], res.records[5]
     for r, s in zip(ok, specs):
         assert r.ok and r.n_out == 6 and len(r.token_times) == 6
         assert abs(r.t_sent - s.arrival_s) < 0.1  # sent on time
@@ -391,8 +395,12 @@ def test_run_load_records_the_fake_servers_delays(fake_server, capsys):
         assert r.tpot == pytest.approx(TPOT_S, abs=0.02)
         assert r.e2e >= TTFT_S + 5 * TPOT_S
     assert not fail.ok and "worker died" in fail.error and len(fail.token_times) == 2
-    assert not reject.ok and reject.error == "HTTP 400: prompt too long"
-    assert attainment(res.records, ttft_slo=0.4, tpot_slo=0.1) == pytest.approx(3 / 5)
+    assert not reject.ok and reject.error == "HTTP 400: prompt too long" and not reject.rejected
+    assert not refused.ok and refused.rejected and not fail.rejected and "429" in refused.error
+    s = summarize(res.records)  # a 429 is a rejection, not a failure
+    assert (s["requests"], s["rejected"], s["failed"]) == (6, 1, 2)
+    assert attainment(res.records, ttft_slo=0.4, tpot_slo=0.1) == pytest.approx(3 / 6)
+    assert met_slo(res.records, ttft_slo=0.4, tpot_slo=0.1) == 3
     assert res.wall_s >= 0.2 + TTFT_S + 5 * TPOT_S and res.client_cpu_s >= 0
     sent = next(b for b in bodies if b["prompt"] == [104])
     assert sent["stream"] and sent["stream_options"] == {"include_usage": True}
