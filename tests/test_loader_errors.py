@@ -107,3 +107,31 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.real_model
+def test_a_gguf_conversion_is_cached_and_a_damaged_cache_entry_is_converted_again(
+        tmp_path, real_model_path, monkeypatch):
+    """The second load comes from the cache (no GGUF parse: the converter is not called) with
+    the same tensors bit for bit; a truncated cache file is not trusted: converted again."""
+    import torch
+
+    from splitserve.model import loader
+
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    first = loader.load_checkpoint(real_model_path, torch.bfloat16)
+    calls = []
+    real_convert = loader._convert_gguf
+    monkeypatch.setattr(loader, "_convert_gguf", lambda *a: calls.append(a) or real_convert(*a))
+    second = loader.load_checkpoint(real_model_path, torch.bfloat16)
+    assert calls == [] and second.config == first.config
+    assert first.tensors.keys() == second.tensors.keys()
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+    (entry,) = (tmp_path / "weights").iterdir()
+    blob = entry / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    third = loader.load_checkpoint(real_model_path, torch.bfloat16)
+    assert len(calls) == 1 and torch.equal(third.tensors["model.embed_tokens.weight"],
+                                           first.tensors["model.embed_tokens.weight"])
+    loader.load_checkpoint(real_model_path, torch.bfloat16)  # the entry was written again
+    assert len(calls) == 1

@@ -149,7 +149,76 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _cache_root() -> str:
+    return os.environ.get("SPLITSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "splitserve"))
+
+
+def _file_key(path: str) -> str:
+    """A GGUF file's identity (path, size, mtime): what its cached conversions are keyed by."""
+    import hashlib
+
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+WEIGHTS_CACHE_FORMAT = 1  # bump when the conversion below changes what it produces
+
+
 def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
+    """Parsing a GGUF file's metadata and dequantising its tensors takes seconds (the reader
+    walks the vocabulary field by field); the result is kept beside the user's cache as
+    safetensors, keyed by the file's identity and the dtype, and memory-mapped back on the next
+    load (a worker's start, and so a restart, in well under a second instead)."""
+    cached = _load_cached_weights(path, dtype)
+    if cached is not None:
+        return cached
+    cfg, tensors = _convert_gguf(path, dtype)
+    _save_cached_weights(path, dtype, cfg, tensors)
+    mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))
+    return LoadedCheckpoint(mc, tensors, _load_gguf_tokenizer(path), path)
+
+
+def _weights_path(path: str, dtype: torch.dtype) -> str:
+    name = f"{_file_key(path)}-{str(dtype).removeprefix('torch.')}-v{WEIGHTS_CACHE_FORMAT}"
+    return os.path.join(_cache_root(), "weights", name)
+
+
+def _load_cached_weights(path: str, dtype: torch.dtype) -> LoadedCheckpoint | None:
+    import json
+
+    from safetensors.torch import load_file
+
+    d = _weights_path(path, dtype)
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        tensors = load_file(os.path.join(d, "model.safetensors"))
+        mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))
+    except Exception:  # none yet, or a damaged entry: convert again
+        return None
+    return LoadedCheckpoint(mc, tensors, _load_gguf_tokenizer(path), path)
+
+
+def _save_cached_weights(path: str, dtype: torch.dtype, cfg: dict, tensors: dict) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = _weights_path(path, dtype)
+    tmp = f"{d}.tmp{os.getpid()}"
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        shutil.rmtree(d, ignore_errors=True)  # a damaged entry (it was not loadable)
+        os.replace(tmp, d)
+    except OSError:  # a read-only or full home, or another process got there first: no cache
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(path: str, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
     from gguf import GGUFReader, dequantize
 
     try:
@@ -157,7 +226,7 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF file {path!r} (corrupt or truncated?): {e}") from e
     cfg = _gguf_config(reader, path)
-    mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))
+    mc = ModelConfig.from_hf(cfg, name=os.path.basename(path))  # (checks the architecture)
     permuted = mc.architecture in ("llama", "mistral")
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -171,7 +240,7 @@ def _load_gguf(path: str, dtype: torch.dtype) -> LoadedCheckpoint:
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = _unpermute_qk(w, mc.num_heads if "q_proj" in name else mc.num_kv_heads)
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
-    return LoadedCheckpoint(mc, tensors, _load_gguf_tokenizer(path), path)
+    return cfg, tensors
 
 
 _GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -224,14 +293,9 @@ def _gguf_config(reader, path: str) -> dict:
 def _load_gguf_tokenizer(path: str):
     """transformers converts a GGUF vocabulary into a fast tokenizer in seconds; keep the result
     beside the user's cache, keyed by the file's identity, and reuse it."""
-    import hashlib
-
     from transformers import AutoTokenizer
 
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = os.environ.get("SPLITSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "splitserve"))
-    cache_dir = os.path.join(root, "tokenizers", key)
+    cache_dir = os.path.join(_cache_root(), "tokenizers", _file_key(path))
     if os.path.isfile(os.path.join(cache_dir, "tokenizer_config.json")):
         try:
             return AutoTokenizer.from_pretrained(cache_dir)
