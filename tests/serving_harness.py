@@ -56,6 +56,16 @@ class Server:
         stop_server(self.proc)
 
 
+def wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.1):
+    """Poll cond() until it returns something true, and return that; fail the test after
+    timeout_s naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(poll_s)
+    return got
+
+
 @contextlib.contextmanager
 def app_in_thread(app):
     """An ASGI app served by uvicorn in a background thread on a free port; yields its

@@ -17,7 +17,7 @@ import time
 import httpx
 import openai
 import pytest
-from serving_harness import Server
+from serving_harness import Server, wait_for
 
 pytestmark = pytest.mark.real_model
 
@@ -105,10 +105,7 @@ def test_greedy_and_seeded_output_match_the_offline_engine(server, offline):
 
 
 def _wait_for(cond, timeout_s=20.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return wait_for(cond, timeout_s, what, poll_s=0.05)
 
 
 def test_aborts_mid_prefill_mid_transfer_and_mid_decode_free_every_block(server):

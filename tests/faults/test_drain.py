@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server
+from serving_harness import Server, wait_for
 
 from splitserve.server.drain import Drain
 
@@ -77,13 +77,6 @@ def in_flight(srv: Server) -> int:
     return sum(w["outstanding"] for w in srv.workers())
 
 
-def wait_until(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
-        time.sleep(0.1)
-
-
 def sigterm_and_wait_draining(srv: Server, group: bool = False) -> float:
     """SIGTERM to serve, or to its whole process group (systemd's default: the workers get it
     too and must not stop under the drain)."""
@@ -92,7 +85,7 @@ def sigterm_and_wait_draining(srv: Server, group: bool = False) -> float:
         os.killpg(srv.proc.pid, signal.SIGTERM)
     else:
         srv.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: httpx.get(srv.url + "/health", timeout=5).json()["status"] == "draining",
+    wait_for(lambda: httpx.get(srv.url + "/health", timeout=5).json()["status"] == "draining",
                10, "draining")
     return t
 
@@ -153,7 +146,7 @@ def test_sigterm_lets_requests_in_flight_finish(mode):
     srv = Server(*mode, "--drain-timeout", "300")
     try:
         whole = Call(srv.url, 150, stream=False)
-        wait_until(lambda: in_flight(srv) >= 1, 30, "the non-streaming request in flight")
+        wait_for(lambda: in_flight(srv) >= 1, 30, "the non-streaming request in flight")
         streamed = Call(srv.url, 200, stream=True)
         assert streamed.first.wait(60) and streamed.error is None, streamed.error
         t_term = sigterm_and_wait_draining(srv, group="--decode" in mode)
@@ -190,7 +183,7 @@ def test_drain_timeout_fails_what_is_left_and_exits():
     srv = Server("--colocated", "1", "--kv-cache-gb", "0.2", "--drain-timeout", "1")
     try:
         whole = Call(srv.url, 3000, stream=False)
-        wait_until(lambda: in_flight(srv) >= 1, 30, "the non-streaming request in flight")
+        wait_for(lambda: in_flight(srv) >= 1, 30, "the non-streaming request in flight")
         streamed = Call(srv.url, 3000, stream=True)
         assert streamed.first.wait(60) and streamed.error is None, streamed.error
         t_term = sigterm_and_wait_draining(srv)

@@ -24,7 +24,7 @@ from datetime import datetime
 
 import httpx
 import pytest
-from serving_harness import Server
+from serving_harness import Server, wait_for
 from texts import GARDEN, PRESS, RIVER, SHIP
 
 from splitserve.bench.compare import free_port, stop_server
@@ -42,14 +42,6 @@ def srv(real_model_path):
         yield s
     finally:
         s.close()
-
-
-def _wait_for(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (got := cond()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return got
 
 
 def _row(srv: Server, role: str) -> dict:
@@ -70,19 +62,19 @@ def _kill_and_wait_back(srv: Server, role: str, check_failed=None) -> tuple[dict
     wid = before["worker_id"]
     t_kill = time.monotonic()
     os.kill(before["pid"], signal.SIGKILL)
-    h = _wait_for(lambda: (h := srv.health())["restarting"].get(wid) and h, KILL_BOUND_S,
+    h = wait_for(lambda: (h := srv.health())["restarting"].get(wid) and h, KILL_BOUND_S,
                   f"{wid} to be seen down")
     assert h["status"] != "ok" and wid in h["dead"], h
     assert h["restarting"][wid]["exit_code"] == -signal.SIGKILL, h
     if check_failed is not None:
         check_failed(t_kill)
-    after = _wait_for(lambda: (w := _row(srv, role))["alive"] and w["epoch"] > before["epoch"]
+    after = wait_for(lambda: (w := _row(srv, role))["alive"] and w["epoch"] > before["epoch"]
                       and w, BACK_BOUND_S, f"{wid} to register again")
     print(f"{wid} back in {time.monotonic() - t_kill:.1f} s (pid {before['pid']} -> "
           f"{after['pid']}, epoch {before['epoch']} -> {after['epoch']}, restarts "
           f"{after['restarts']})")
     assert after["pid"] != before["pid"] and after["restarts"] > before["restarts"], after
-    h = _wait_for(lambda: (h := srv.health())["status"] == "ok" and h, 10, "status ok")
+    h = wait_for(lambda: (h := srv.health())["status"] == "ok" and h, 10, "status ok")
     assert h["dead"] == [] and h["restarting"] == {}, h
     return before, after
 
@@ -136,7 +128,7 @@ def test_a_killed_decode_worker_comes_back_as_a_new_epoch_and_serves(srv, offlin
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
-    _wait_for(lambda: len(events) >= 5, 120, "the stream to be under way")
+    wait_for(lambda: len(events) >= 5, 120, "the stream to be under way")
     before, after = _kill_and_wait_back(srv, "decode", stream_failed)
     assert after["epoch"] == 3 and after["restarts"] >= 2, after
     # the router unlinked the dead incarnation's shared-memory KV pool
@@ -159,7 +151,7 @@ def test_a_prefill_worker_killed_mid_transfer_comes_back_and_the_transfer_fails_
                          daemon=True)
     a.start()
     # mid-transfer: the decode worker holds the reservation and some chunks have gone over
-    _wait_for(lambda: (p := _row(srv, "prefill"))["running"] and p["kv_bytes_sent"] > sent_before
+    wait_for(lambda: (p := _row(srv, "prefill"))["running"] and p["kv_bytes_sent"] > sent_before
               and _row(srv, "decode")["kv_blocks_used"] > 0, 120, "the transfer to be under way")
 
     def request_failed(t_kill: float) -> None:
@@ -212,7 +204,7 @@ def test_a_worker_that_dies_at_once_is_restarted_at_growing_intervals_up_to_max_
                 return None
             return h if h["status"] == "degraded" else None
 
-        h = _wait_for(given_up, 240, "the decode worker up and the prefill worker given up")
+        h = wait_for(given_up, 240, "the decode worker up and the prefill worker given up")
         assert h["dead"] == ["prefill-0"] and h["restarting"] == {}, h
         assert [w["worker_id"] for w in h["workers"]] == ["decode-1"], h
         lines = log_path.read_text().splitlines()

@@ -26,7 +26,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server
+from serving_harness import Server, wait_for
 from texts import GARDEN, SHIP
 
 from splitserve.bench.compare import free_port
@@ -35,14 +35,6 @@ pytestmark = pytest.mark.real_model
 
 HEARTBEAT_TIMEOUT_S = 6.0  # the router's --heartbeat-timeout (the workers' lease is half)
 BACK_BOUND_S = 30.0  # a worker registers again within this of the new router's start
-
-
-def _wait_for(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (got := cond()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return got
 
 
 class _Router:
@@ -106,7 +98,7 @@ def _decoding(router: _Router, prompt: str) -> threading.Thread:
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
-    _wait_for(lambda: (h := router.health()) and any(
+    wait_for(lambda: (h := router.health()) and any(
         w["role"] == "decode" and w["running"] == 1 and w["kv_blocks_used"] > 0
         for w in h["workers"]), 60, "the decode worker to be decoding")
     time.sleep(1.0)  # some tokens out
@@ -121,7 +113,7 @@ def test_workers_abort_their_orphans_and_register_again_when_the_router_restarts
     logs = {role: tmp_path / f"{role}.log" for role in ("prefill", "decode")}
     workers = {role: _worker(role, router_port, logs[role]) for role in logs}
     try:
-        _wait_for(lambda: _rows_after(router, 0), 180, "both workers to register")
+        wait_for(lambda: _rows_after(router, 0), 180, "both workers to register")
         # a worker that does not match the deployment is refused, by name of what differs
         bad = subprocess.run(
             [sys.executable, "-m", "splitserve.cli", "worker", "--role", "decode", "--router",
@@ -136,12 +128,12 @@ def test_workers_abort_their_orphans_and_register_again_when_the_router_restarts
         _decoding(router, GARDEN)
         router.kill()
         for role, path in logs.items():
-            _wait_for(lambda p=path: "no answer from the router" in p.read_text()
+            wait_for(lambda p=path: "no answer from the router" in p.read_text()
                       and "aborted the" in p.read_text(), 4 * HEARTBEAT_TIMEOUT_S,
                       f"the {role} worker to give the router up")
         assert "aborted the 1 requests held here" in logs["decode"].read_text()
         router = _Router(port, router_port, router_log)
-        rows = _wait_for(lambda: _rows_after(router, 1), 60 + BACK_BOUND_S,
+        rows = wait_for(lambda: _rows_after(router, 1), 60 + BACK_BOUND_S,
                          "both workers back with the new router, idle")
         assert all(w["epoch"] == 1 for w in rows.values()), rows  # the new router's first
         r = httpx.post(router.url + "/v1/completions", timeout=120, json={
@@ -154,7 +146,7 @@ def test_workers_abort_their_orphans_and_register_again_when_the_router_restarts
         router.kill()
         t_kill = time.monotonic()
         router = _Router(port, router_port, router_log)
-        rows = _wait_for(lambda: _rows_after(router, 2), 60 + BACK_BOUND_S,
+        rows = wait_for(lambda: _rows_after(router, 2), 60 + BACK_BOUND_S,
                          "both workers back with the restarted router, idle")
         assert "the router restarted" in logs["decode"].read_text()
         print(f"rejoined {time.monotonic() - t_kill:.1f} s after the kill")
