@@ -188,8 +188,8 @@ class SchedulerConfig:
     role: Role = "colocated"
     # Chunked mode: a step that also decodes prefills at most this many prompt tokens (None:
     # the whole budget). A decode worker's own prefills use it to keep its decode steps short.
-    # A tuple: the cap when 1, 2, ... requests decode (the last entry for more; 0: no prompt
-    # token beside that many decodes), as serve --local-prefill slo sizes it to the TPOT SLO.
+    # A tuple: the cap when 1, 2, ... requests decode (the last entry for more), as serve
+    # --local-prefill slo sizes it to the TPOT SLO.
     prefill_chunk_while_decoding: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -199,9 +199,10 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1")
         cap = self.prefill_chunk_while_decoding
         if isinstance(cap, tuple):
-            if not cap or any(not isinstance(c, int) or c < 0 for c in cap):
+            # >= 1: a 0 would stop a prompt already under way for as long as decodes last
+            if not cap or any(not isinstance(c, int) or c < 1 for c in cap):
                 raise InvalidRequestError("prefill_chunk_while_decoding: a tuple of token counts "
-                                          f">= 0, one per number of decodes, got {cap!r}")
+                                          f">= 1, one per number of decodes, got {cap!r}")
         elif cap is not None and cap < 1:
             raise InvalidRequestError("prefill_chunk_while_decoding must be >= 1 (or None)")
 

@@ -107,12 +107,14 @@ def test_predictive_counts_requests_still_in_prefill_for_the_decode_worker():
     with pytest.raises(Overloaded) as e:
         s.route("new", 20, 0.0, max_tokens=10)
     assert e.value.reason == "tpot" and e.value.verdict.tpot_s == pytest.approx(0.035)
+    # 5 in the batch, 4 fit: the first to leave are the decoding two, 999 tokens x 20 ms
+    assert e.value.retry_after_s == 20
     s.admission.mode = "reactive"  # the batch now (2 + it) fits
     s.route("new", 20, 0.0, max_tokens=10)
     s.check_loads()
 
 
-def test_a_full_worker_queue_refuses_in_every_mode_and_a_request_slo_overrides():
+def test_a_full_worker_queue_refuses_in_every_mode_and_a_request_slo_only_tightens():
     s = _pd(Admission("off", max_queue=2))
     s.route("a", 10, 0.0)
     s.route("b", 10, 0.0)
@@ -123,10 +125,15 @@ def test_a_full_worker_queue_refuses_in_every_mode_and_a_request_slo_overrides()
     s.route("c", 10, 0.0)
     s.check_loads()
 
-    s = _pd(Admission("predictive", cost(), SLO(0.05, 1.0)))
+    s = _pd(Admission("predictive", cost(), SLO(0.2, 1.0)))
     with pytest.raises(Overloaded):
-        s.route("x", 100, 0.0, max_tokens=4)  # 0.11 s > 50 ms
-    s.route("x", 100, 0.0, max_tokens=4, slo=SLO(0.2, 1.0))  # its own, looser SLO
+        s.route("x", 100, 0.0, max_tokens=4, slo=SLO(0.05, 1.0))  # its own: 0.11 s > 50 ms
+    s.route("x", 100, 0.0, max_tokens=4, slo=SLO(100.0, 100.0))  # looser: the deployment's holds
+    s.finish("x")
+    # the deployment's TPOT (10 ms: less than one decode step), not the request's looser one
+    v = Admission("predictive", cost(), SLO(10.0, 0.01)).decide(s, s.route("y", 10, 0.0), 0.0,
+                                                                 SLO(10.0, 10.0))
+    assert not v.admit and v.reason == "tpot"
 
 
 def test_bad_settings_are_refused_by_name():
@@ -194,9 +201,40 @@ def test_slo_local_prefill_goes_local_only_where_the_chunks_fit_and_it_is_sooner
     assert p.pick(100, 0, [two, idle]) is None  # equal to the prefill worker's: stay P/D
     assert p.pick(100, 1, [two, idle]) == "d-idle"  # full chunks, no decodes: 0.11 s
     # the decode worker's scheduler caps its steps with the same table
-    cfg = SchedulerConfig(role="decode", prefill_chunk_while_decoding=table)
-    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [None, 25, 20, 5, 0, 0]
-    # ... but never 0 on a worker: a prefill under way ends however many hand-overs arrive
+    # ... with at least 1 token: a prefill under way ends however many hand-overs arrive
     assert p.worker_chunks() == (25, 20, 15, 10, 5, 1)
+    cfg = SchedulerConfig(role="decode", prefill_chunk_while_decoding=p.worker_chunks())
+    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [None, 25, 20, 5, 1, 1]
     with pytest.raises(ValueError, match="one per number of decodes"):
         SchedulerConfig(role="decode", prefill_chunk_while_decoding=(4, -1))
+
+
+def test_a_colocated_worker_prefills_in_whole_budget_chunks_beside_its_decodes():
+    """No cap there: 200 prompt tokens beside 4 decodes are 2 steps of 100 + 4 decodes
+    (0.13 s each), not 20 steps of the decode workers' 10-token chunks."""
+    s = RouterState(admission=Admission("off", cost(), SLO(10.0, 10.0)))
+    s.add_worker("c0", "colocated", 1000, 0.0)
+    for i in range(4):
+        s.route(f"d{i}", 10, 0.0, max_tokens=50)
+        s.on_output(f"d{i}", "c0", False, tokens=1)
+    s.admission.mode = "predictive"
+    s.admission.slo = SLO(0.27, 10.0)
+    t = s.route("new", 200, 0.0, max_tokens=4)
+    assert t.worker == "c0"
+    s.admission.slo = SLO(0.25, 10.0)
+    with pytest.raises(Overloaded) as e:
+        s.route("newer", 200, 0.0, max_tokens=4)
+    assert e.value.verdict.ttft_s == pytest.approx(4 * 0.13)  # "new" (200 tokens) is ahead
+
+
+def test_a_refused_request_leaves_the_round_robin_where_it_was():
+    s = RouterState(admission=Admission("predictive", cost(), SLO(0.01, 1.0)))
+    s.add_worker("p0", "prefill", 1000, 0.0)
+    for d in ("d0", "d1"):
+        s.add_worker(d, "decode", 1000, 0.0)
+    turns = {r: p.turn for r, p in s.policies.items()}
+    with pytest.raises(Overloaded):
+        s.route("x", 100, 0.0)
+    assert {r: p.turn for r, p in s.policies.items()} == turns
+    s.admission.mode = "off"
+    assert [s.route(f"r{i}", 10, 0.0).decode for i in range(2)] == ["d1", "d0"]

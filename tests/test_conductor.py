@@ -212,11 +212,14 @@ def test_a_restarted_router_tells_workers_of_its_predecessor_to_register_again()
     """Over a real socket: a heartbeat from a worker this router has no registration for, or
     one naming another router process, is answered Rejoin (naming the router it names, so a
     late answer cannot send a re-registered worker round again); a registered worker's is
-    answered Ping echoing its send time (the lease runs from then); a second Register from
-    the same process gets the same Welcome, not "a live worker already uses the id"."""
+    answered Ping echoing its send time (the lease runs from then); a Register repeated by the
+    same attempt (same nonce) gets the same Welcome, not "a live worker already uses the id";
+    a new attempt of the same live process (it gave the router up and aborted everything)
+    makes that incarnation dead here too, and registers a new epoch."""
     import asyncio
     import os
 
+    import msgspec
     import zmq
 
     from splitserve.disagg import messages as M
@@ -245,16 +248,21 @@ def test_a_restarted_router_tells_workers_of_its_predecessor_to_register_again()
             hb = M.Heartbeat(M.WorkerStats(), epoch=3, router_id="a-router-gone", sent=12.5)
             assert await ask("w0/hb", hb) == M.Rejoin("a-router-gone")
             spec = M.KVSpec("m", "bfloat16", 16, 2, 1, 8)
-            reg = M.Register("w0", "decode", os.getpid(), "h", "m", 64, 100, spec, 10, "tcp", "tcp://x:1")
+            reg = M.Register("w0", "decode", os.getpid(), "h", "m", 64, 100, spec, 10, "tcp",
+                             "tcp://x:1", nonce="attempt-1")
             welcome = await ask("w0", reg)
             assert welcome.accepted and welcome.epoch == 1 and welcome.router_id == c.router_id
-            assert await ask("w0", reg) == welcome  # the same process asking again
+            assert await ask("w0", reg) == welcome  # the same attempt asking again
             other = M.Register("w0", "decode", os.getpid() + 1, "h", "m", 64, 100, spec, 10, "tcp", "tcp://x:1")
             refused = await ask("w0", other)
             assert not refused.accepted and "already uses the id" in refused.reason
             assert await ask("w0/hb", M.Heartbeat(M.WorkerStats(), 1, c.router_id, 7.25)) == M.Ping(7.25)
             # registered here, but the heartbeat names this router's predecessor
             assert await ask("w0/hb", hb) == M.Rejoin("a-router-gone")
+            # a new attempt of the same process: it had given this router up
+            again = await ask("w0", msgspec.structs.replace(reg, nonce="attempt-2"))
+            assert again.accepted and again.epoch == 2, again
+            assert c.workers["w0"].view.epoch == 2 and c.workers["w0"].alive
         finally:
             for s in socks.values():
                 s.close()

@@ -240,9 +240,9 @@ def test_prefill_chunk_while_decoding_caps_waiting_prompts_too_and_not_without_d
 
 
 def test_a_chunk_table_caps_prompt_tokens_by_how_many_decode():
-    """(6, 3, 0): beside 1 decode 6 prompt tokens a step, beside 2 decodes 3, beside 3 or
-    more none (the prompt waits); alone, the full budget."""
-    s = make(budget=16, cap=(6, 3, 0))
+    """(6, 3, 1): beside 1 decode 6 prompt tokens a step, beside 2 decodes 3, beside 3 or
+    more 1 (never none: the prompt under way must end); alone, the full budget."""
+    s = make(budget=16, cap=(6, 3, 1))
     a, b = req("a", 4, max_tokens=20), req("b", 4, max_tokens=20)
     s.add_request(a)
     step(s)  # a decodes from now on
@@ -262,7 +262,9 @@ def test_a_chunk_table_caps_prompt_tokens_by_how_many_decode():
     assert c3.output_token_ids
     s.add_request(req("r", 40))
     chunks = [(c.request.request_id, c.num_new_tokens) for c in step(s).chunks]
-    assert chunks == [("a", 1), ("b", 1), ("c", 1)], chunks  # 3 decodes: no prompt token
+    assert chunks == [("a", 1), ("b", 1), ("c", 1), ("r", 1)], chunks  # 3 decodes: 1 token
+    with pytest.raises(InvalidRequestError, match=">= 1"):
+        SchedulerConfig(prefill_chunk_while_decoding=(6, 0))
 
 
 def test_decode_role_first_token_can_finish():

@@ -125,6 +125,10 @@ class Register(msgspec.Struct, tag=True):
     transport: str  # the KV transport this worker uses (prefill) / offers (decode): shm | tcp
     data_addr: str | None = None  # decode only
     shm_path: str | None = None  # decode only
+    # this registration attempt (random): a Register repeated while waiting for the answer
+    # carries the same one; a new one from a live worker means it lost contact and aborted
+    # everything, and the router fails what that incarnation held
+    nonce: str = ""
 
 
 class Welcome(msgspec.Struct, tag=True):

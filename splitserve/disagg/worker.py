@@ -190,7 +190,8 @@ class Worker:
         register = M.Register(
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
-            transport, self.receiver.addr if self.receiver else None, self.shm_path)
+            transport, self.receiver.addr if self.receiver else None, self.shm_path,
+            nonce=os.urandom(8).hex())
         self._send(register)
         deadline = time.monotonic() + self.cfg.register_timeout_s
         while True:
@@ -231,12 +232,19 @@ class Worker:
         why, self.router_lost = self.router_lost, None
         self.router_seen = float("-inf")  # no lease: nothing more is written anywhere
         held = self._abort_everything()
+        # (the fences went out first) new connections to the decode workers: the router
+        # tells them this incarnation is gone, and they stop listening to its old ones
+        for wid in list(self.senders):
+            self._retired.append(s := self.senders.pop(wid))
+            s.close()
         self.stats.rejoins += 1
         log.warning("%s; aborted the %d requests held here, registering again", why, held)
         try:
             self.register(retry=True)
-        except SplitServeError as e:  # stopped (Ctrl-C), or serve is gone
-            log.warning("not registered again: %s", e)
+        except SplitServeError as e:
+            if self.running and not self._orphaned():
+                raise  # refused (a mismatch, its id taken): exit as a first refusal does
+            log.warning("not registered again: %s", e)  # stopped (Ctrl-C), or serve is gone
             self.running = False
             return
         log.warning("registered again with the router at %s (epoch %d)", self.cfg.router_addr, self.epoch)
@@ -359,8 +367,11 @@ class Worker:
                 # or it has declared this worker dead and failed its requests. Two heartbeats
                 # unanswered at least, so that waking from a stall (the clock jumped) first
                 # hears what the router says (Shutdown) before concluding it is gone.
+                # (a heartbeat's time on top: the router measures from when the last one
+                # arrived, this from when the last answered one went out)
                 silent = time.monotonic() - self.router_seen
-                if unanswered >= 2 and silent > 2 * self.lease_s and self.registered.is_set():
+                if (unanswered >= 2 and silent > 2 * self.lease_s + 2 * HEARTBEAT_S
+                        and self.registered.is_set()):
                     self._lose_router(f"no answer from the router for {silent:.0f} s")
                     unanswered = 0
         finally:

@@ -91,13 +91,16 @@ class Overloaded(ServiceUnavailable):
 class CostModel:
     """Step times of the shapes admission asks about, from a latency model. `chunk_tokens`:
     a worker's prompt tokens per step (max_num_batched_tokens); `busy_chunk_tokens`: a decode
-    worker's per step of its own prefill while it also decodes (--local-prefill-chunk);
-    `overhead_s`: what a request spends outside engine steps before its first token (API,
-    router hops, the KV hand-over), added to every predicted TTFT."""
+    worker's per step of its own prefill while it also decodes (--local-prefill-chunk: a
+    number, or a table by number of decodes, as SchedulerConfig.prefill_chunk_while_decoding);
+    a co-located worker has no such cap. `overhead_s`: what a request spends outside engine
+    steps before its first token (API, router hops, the KV hand-over), added to every
+    predicted TTFT."""
 
-    def __init__(self, latency: LatencyModel, chunk_tokens: int = 512, busy_chunk_tokens: int = 8,
-                 overhead_s: float = 0.0):
-        if chunk_tokens < 1 or busy_chunk_tokens < 1:
+    def __init__(self, latency: LatencyModel, chunk_tokens: int = 512,
+                 busy_chunk_tokens: int | tuple[int, ...] = 8, overhead_s: float = 0.0):
+        table = busy_chunk_tokens if isinstance(busy_chunk_tokens, tuple) else (busy_chunk_tokens,)
+        if chunk_tokens < 1 or not table or min(table) < 1:
             raise ValueError("chunk sizes must be at least one token")
         self.latency = latency
         self.chunk_tokens = chunk_tokens
@@ -127,14 +130,22 @@ class CostModel:
                 (((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes)))
         return t
 
+    def busy_chunk(self, decodes: int) -> int:
+        """A decode worker's prompt tokens per step beside `decodes` decodes."""
+        c = self.busy_chunk_tokens
+        if not decodes:
+            return self.chunk_tokens
+        return c[min(decodes, len(c)) - 1] if isinstance(c, tuple) else c
+
     def prefill_s(self, backlog_tokens: int, prompt_tokens: int, decodes: int = 0,
-                  decode_ctx: int = 0) -> float:
+                  decode_ctx: int = 0, capped: bool = True) -> float:
         """Seconds until a prompt of `prompt_tokens` has its first token, behind
         `backlog_tokens` of other prompts, on a worker that also decodes `decodes` requests
-        (of about `decode_ctx` tokens) in the same steps: every chunk a step. The backlog's
-        chunks are priced at one chunk's worth of context each (its prompts' lengths are not
-        known here, only their sum)."""
-        chunk = self.busy_chunk_tokens if decodes else self.chunk_tokens
+        (of about `decode_ctx` tokens) in the same steps: every chunk a step, of busy_chunk()
+        tokens on a decode worker (`capped`), of the whole budget on a co-located one. The
+        backlog's chunks are priced at one chunk's worth of context each (its prompts'
+        lengths are not known here, only their sum)."""
+        chunk = self.busy_chunk(decodes) if capped else self.chunk_tokens
         total = 0.0
         if backlog_tokens > 0:
             full, rest = divmod(backlog_tokens, chunk)
@@ -212,7 +223,12 @@ class Admission:
 
     def decide(self, state, track, now: float, slo: SLO | None = None,
                priority: int = 0) -> Verdict:
-        slo = slo or self.slo
+        """A request's own `slo` may tighten the deployment's, never loosen it: the TPOT of a
+        batch is everyone's, and one request must not push the others past theirs."""
+        if slo is None or self.slo is None:
+            slo = slo or self.slo
+        else:
+            slo = SLO(min(slo.ttft_s, self.slo.ttft_s), min(slo.tpot_s, self.slo.tpot_s))
         if priority > 0 and slo is not None:
             share = LOW_PRIORITY_SHARE ** min(priority, 64)
             slo = SLO(slo.ttft_s * share, slo.tpot_s * share)
@@ -238,30 +254,32 @@ class Admission:
         # requests) the decodes its steps carry
         backlog = first.prefill_tokens if t.worker else first.queued_prompt_tokens
         decodes = first.decoding if t.worker else 0
+        capped = first.role == "decode"  # a decode worker's own prefill: small chunks
         cost = self.cost
         decoding = self._decoding(state, dec)  # (remaining tokens, context) each
         dctx = (sum(c for _, c in decoding) // len(decoding)) if decoding else ctx
+        tpot_now = cost.decode_step_s(max(1, len(decoding)), dctx)
+        # when each request of the batch the newcomer would join leaves it, from now
         if self.mode == "reactive":
-            ttft = cost.prefill_s(backlog, 0, decodes, dctx)
-            tpot = cost.decode_step_s(len(decoding) + 1, max(dctx, ctx))
+            ttft = cost.prefill_s(backlog, 0, decodes, dctx, capped)
+            leaves = [left * tpot_now for left, _ in decoding]
         else:
-            ttft = cost.prefill_s(backlog, t.prompt_len, decodes, dctx)
-            tpot_now = cost.decode_step_s(max(1, len(decoding)), dctx)
-            joining = sum(1 for rid in dec.requests
-                          if (o := state.tracks.get(rid)) is not None and not o.first_token)
-            staying = sum(1 for left, _ in decoding if left * tpot_now > ttft)
-            tpot = cost.decode_step_s(staying + joining + 1, max(dctx, ctx))
+            ttft = cost.prefill_s(backlog, t.prompt_len, decodes, dctx, capped)
+            leaves = [left * tpot_now for left, _ in decoding if left * tpot_now > ttft]
+            # admitted, still before their first token: they will be decoding there by then
+            # and stay their whole max_tokens (from about when the newcomer arrives)
+            leaves += [ttft + o.max_tokens * tpot_now for rid in dec.requests
+                       if (o := state.tracks.get(rid)) is not None and not o.first_token]
+        tpot = cost.decode_step_s(len(leaves) + 1, max(dctx, ctx))
         if ttft > slo.ttft_s:
             return Verdict(False, "ttft", f"predicted time to first token {ttft:.2f} s exceeds "
                            f"the SLO of {slo.ttft_s:g} s ({self.mode} admission); retry later",
                            _retry(ttft - slo.ttft_s), ttft, tpot)
         if tpot > slo.tpot_s:
-            # when enough of the decoding requests will have finished for the batch to fit
+            # when enough of that batch will have left for the newcomer to fit in it
             fits = cost.max_batch(slo.tpot_s, max(dctx, ctx))
-            lefts = sorted(left for left, _ in decoding)
-            shed = len(decoding) + 1 - fits
-            tpot_now = cost.decode_step_s(max(1, len(decoding)), dctx)
-            wait = lefts[shed - 1] * tpot_now if 0 < shed <= len(lefts) else math.inf
+            shed = len(leaves) + 1 - fits
+            wait = sorted(leaves)[shed - 1] if 0 < shed <= len(leaves) else math.inf
             return Verdict(False, "tpot", f"predicted time per output token {tpot * 1000:.0f} ms "
                            f"exceeds the SLO of {slo.tpot_s * 1000:g} ms ({self.mode} admission); "
                            "retry later", _retry(wait), ttft, tpot)

@@ -421,11 +421,19 @@ class Conductor:
             reason = f"worker id {msg.worker_id!r} does not match its socket identity {wid!r}"
         elif wid in self.workers and self.workers[wid].alive:
             w = self.workers[wid]
-            if (w.info.pid, w.info.host) == (msg.pid, msg.host):
-                # the same process asking again (its first Register was queued while this
-                # router was not up yet and it timed out): the same answer
+            same_process = (w.info.pid, w.info.host) == (msg.pid, msg.host)
+            if same_process and msg.nonce and msg.nonce == w.info.nonce:
+                # the same attempt asking again (its first Register was queued while this
+                # router was not up yet, and it timed out): the same answer
                 self._raw_send(wid, self._welcome(w.view.epoch))
                 return
+            if same_process:
+                # it gave this router up (silent too long from where it stands) and aborted
+                # all it held: that incarnation's requests fail here too, the other workers
+                # drop what they had with it, and it comes back as a new epoch
+                self._worker_died(w, "it registered again, having lost contact with the "
+                                  "router (it aborted what it held)", unlink=False)
+                return self._register(wid, msg)
             reason = f"a live worker already uses the id {wid!r}"
         elif msg.role not in ("colocated", "prefill", "decode"):
             reason = f"unknown role {msg.role!r}"
@@ -489,7 +497,8 @@ class Conductor:
                 self.dead.append(wid)
                 log.error("worker %s exited with code %s before registering", wid, proc.returncode)
 
-    def _worker_died(self, w: WorkerHandle, why: str) -> None:
+    def _worker_died(self, w: WorkerHandle, why: str, unlink: bool = True) -> None:
+        """`unlink`: the process is gone, its shm pool file with it (not when it lives on)."""
         wid = w.info.worker_id
         log.error("worker %s (%s) is gone: %s", wid, w.info.role, why)
         for rid in self.state.worker_died(wid):
@@ -497,6 +506,6 @@ class Conductor:
         for other in self.workers.values():
             if other.alive:
                 self._send(other.info.worker_id, M.PeerGone(wid))
-        if w.info.shm_path and w.proc is not None:  # a child of ours cannot unlink its pool now
+        if unlink and w.info.shm_path and w.proc is not None:  # a child of ours cannot unlink its pool now
             with contextlib.suppress(OSError):
                 os.unlink(w.info.shm_path)

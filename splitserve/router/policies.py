@@ -19,15 +19,15 @@ class LeastLoaded:
     """Fewest outstanding requests; ties go round-robin so equal workers share the load."""
 
     def __init__(self):
-        self._turn = 0
+        self.turn = 0
 
     def pick(self, workers: Sequence[WorkerLoad]) -> str | None:
         if not workers:
             return None
         least = min(w.outstanding for w in workers)
         tied = sorted(w.worker_id for w in workers if w.outstanding == least)
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        self.turn += 1
+        return tied[self.turn % len(tied)]
 
 
 class DecodeLoad(NamedTuple):

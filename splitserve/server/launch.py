@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -138,8 +139,7 @@ def cost_model(a):
         latency = build_latency_model(a.latency_model)
     except (ValueError, OSError) as e:
         raise SystemExit(f"--latency-model {a.latency_model}: {e}") from None
-    chunk = a.local_prefill_chunk if isinstance(a.local_prefill_chunk, int) else 8
-    return CostModel(latency, a.max_num_batched_tokens, chunk, overhead_s=0.005)
+    return CostModel(latency, a.max_num_batched_tokens, a.local_prefill_chunk, overhead_s=0.005)
 
 
 def local_prefill_policy(a):
@@ -178,8 +178,8 @@ def parse_chunks(text: str) -> int | tuple[int, ...]:
         if parts[0] < 1:
             raise argparse.ArgumentTypeError(f"a chunk must be >= 1 token, got {parts[0]}")
         return parts[0]
-    if any(p < 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"chunks must be >= 0 tokens, got {text!r}")
+    if any(p < 1 for p in parts):  # (a 0 would stall a prompt under way beside decodes)
+        raise argparse.ArgumentTypeError(f"chunks must be >= 1 token, got {text!r}")
     return tuple(parts)
 
 
@@ -199,8 +199,9 @@ async def run_deployment(a) -> int:
     if len(core_groups) != len(roles):
         raise SystemExit(f"--worker-cores names {len(core_groups)} groups for {len(roles)} workers")
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
+    local_prefill = local_prefill_policy(a)  # first: it may set the decode workers' chunks
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
-                          local_prefill=local_prefill_policy(a), admission=build_admission(a))
+                          local_prefill=local_prefill, admission=build_admission(a))
     await conductor.start()
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
@@ -333,8 +334,12 @@ def run_serve(a) -> int:
         if missing:
             raise SystemExit(f"--local-prefill slo needs {', '.join(missing)}")
     for flag, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo)):
-        if v is not None and not v > 0:
+        if v is not None and not (math.isfinite(v) and v > 0):
             raise SystemExit(f"{flag} must be a positive number of seconds, got {v:g}")
+    if a.admission == "off" and a.local_prefill != "slo" and (
+            a.ttft_slo is not None or a.tpot_slo is not None or a.latency_model is not None):
+        log.warning("--ttft-slo, --tpot-slo and --latency-model do nothing without --admission "
+                    "reactive|predictive or --local-prefill slo")
     if a.max_restarts is not None and a.max_restarts < 0:
         raise SystemExit(f"--max-restarts must be >= 0 (0: never restart), got {a.max_restarts}")
     try:

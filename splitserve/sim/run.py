@@ -222,7 +222,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"],
                    help="the router's admission control, as serve --admission, judged by the "
                         "experiment's --ttft-slo / --tpot-slo and priced by the latency model")
-    g.add_argument("--max-queue", type=E.non_negative, default=256,
+    g.add_argument("--max-queue", type=int, default=256,
                    help="requests in flight per worker beyond which new ones are refused (0: "
                         "unbounded), as serve --max-queue")
     g.add_argument("--host-cpu-ms-per-token", type=E.non_negative, default=None,
@@ -231,15 +231,19 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                         "CPU, 0 for a GPU model)")
 
 
-def admission_factory(a, dep: DeploymentSpec, latency: LatencyModel):
-    """() -> the Admission serve would run with these flags, or None (off, unbounded)."""
+def admission_factory(a, dep: DeploymentSpec, latency: LatencyModel, busy_chunks=None):
+    """() -> the Admission serve would run with these flags, or None (off, unbounded).
+    `busy_chunks`: the decode workers' prompt tokens per step beside decodes (default
+    --local-prefill-chunk)."""
     from splitserve.router.admission import SLO, Admission, CostModel
 
-    mode, max_queue = getattr(a, "admission", "off"), int(getattr(a, "max_queue", 0))
+    mode, max_queue = getattr(a, "admission", "off"), getattr(a, "max_queue", 0)
+    if max_queue < 0:
+        raise SimError(f"--max-queue must be >= 0 (0: unbounded), got {max_queue}")
     if mode == "off" and not max_queue:
         return None
     slo = SLO(*E.slos(a)) if mode != "off" else None
-    cost = (CostModel(latency, dep.max_num_batched_tokens, a.local_prefill_chunk,
+    cost = (CostModel(latency, dep.max_num_batched_tokens, busy_chunks or a.local_prefill_chunk,
                       overhead_s=(2 * a.api_latency_ms + 4 * a.hop_latency_ms) / 1e3)
             if mode != "off" else None)
     return lambda: Admission(mode, cost, slo, max_queue=max_queue)
@@ -260,7 +264,9 @@ def main(a) -> int:
         table = cost.chunk_table(E.slos(a)[1], a.max_num_seqs, SLO_CHUNK_CONTEXT)
         local = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
     sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
-                    admission=admission_factory(a, dep, latency), local_prefill=local)
+                    admission=admission_factory(a, dep, latency,
+                                                local.worker_chunks() if local else None),
+                    local_prefill=local)
     print(f"simulating {dep.name} ({', '.join(dep.roles)}) with {latency.describe()}",
           file=sys.stderr)
     out = E.run_experiment(a, sim, a.cores or sim.cores,
