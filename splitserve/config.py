@@ -188,8 +188,8 @@ class SchedulerConfig:
     role: Role = "colocated"
     # Chunked mode: a step that also decodes prefills at most this many prompt tokens (None:
     # the whole budget). A decode worker's own prefills use it to keep its decode steps short.
-    # A tuple: the cap when 1, 2, ... requests decode (the last entry for more), as serve
-    # --local-prefill slo sizes it to the TPOT SLO.
+    # A tuple: the cap when 0, 1, 2, ... requests decode (the last entry for more; the first
+    # applies with nothing decoding too), as serve --local-prefill slo sizes it to the TPOT SLO.
     prefill_chunk_while_decoding: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -209,11 +209,9 @@ class SchedulerConfig:
     def prefill_cap(self, decoding: int) -> int | None:
         """The prompt tokens a step with `decoding` decodes may add (None: the whole budget)."""
         cap = self.prefill_chunk_while_decoding
-        if not decoding or cap is None:
-            return None
         if isinstance(cap, tuple):
-            return cap[min(decoding, len(cap)) - 1]
-        return cap
+            return cap[min(decoding, len(cap) - 1)]
+        return cap if decoding else None
 
 
 @dataclass(frozen=True)

@@ -173,10 +173,11 @@ def test_less_important_requests_are_refused_first():
 
 def test_the_chunk_table_keeps_busy_steps_within_the_tpot_slo():
     c = cost()
-    # 10 ms + 1 ms/prompt token + 5 ms/decode <= 40 ms: 25, 20, 15, 10, 5 tokens, then none
-    assert c.chunk_table(0.040, 64, 100) == (25, 20, 15, 10, 5, 0)
-    assert c.chunk_table(0.040, 3, 100) == (25, 20, 15)
-    assert CostModel(Linear(), chunk_tokens=12).chunk_table(0.040, 64, 100) == (12, 12, 12, 10, 5, 0)
+    # 10 ms + 1 ms/prompt token + 5 ms/decode <= 40 ms: 25, 20, 15, 10, 5 tokens beside 1-5
+    # decodes, then none; beside none, what one decode allows (a hand-over may land)
+    assert c.chunk_table(0.040, 64, 100) == (25, 25, 20, 15, 10, 5, 0)
+    assert c.chunk_table(0.040, 3, 100) == (25, 25, 20, 15)
+    assert CostModel(Linear(), chunk_tokens=12).chunk_table(0.040, 64, 100) == (12, 12, 12, 12, 10, 5, 0)
     assert c.chunk_table(1.0, 8, 100) == (100,)  # the whole budget, whatever the batch
 
 
@@ -192,19 +193,21 @@ def test_slo_local_prefill_goes_local_only_where_the_chunks_fit_and_it_is_sooner
     two = DecodeLoad("d-two", decoding=2, prefill_tokens=0)  # 20-token chunks, 40 ms each
     assert p.local_s(busy, 100) is None
     assert p.local_s(DecodeLoad("d-5", decoding=5, prefill_tokens=0), 100) is not None  # 5 >= 4
-    p4 = SloLocalPrefill(cost(), (25, 20, 15, 10, 3), context=100)
+    p4 = SloLocalPrefill(cost(), (25, 25, 20, 15, 10, 3), context=100)
     assert p4.local_s(DecodeLoad("d-5", decoding=5, prefill_tokens=0), 100) is None  # 3 < 4
     assert p.local_s(two, 100) == pytest.approx(5 * 0.040)
     assert p.pick(100, 300, [busy, two]) == "d-two"
     assert p.pick(100, 0, [busy, two]) is None  # 0.11 s on the prefill worker is sooner
     idle = DecodeLoad("d-idle", decoding=0, prefill_tokens=0)
-    assert p.pick(100, 0, [two, idle]) is None  # equal to the prefill worker's: stay P/D
-    assert p.pick(100, 1, [two, idle]) == "d-idle"  # full chunks, no decodes: 0.11 s
+    assert p.local_s(idle, 100) == pytest.approx(4 * 0.035)  # 25-token chunks even idle
+    assert p.pick(100, 1, [two, idle]) is None  # 0.121 s on the prefill worker
+    assert p.pick(100, 300, [two, idle]) == "d-idle"  # 0.14 s, sooner than 0.2 s and 0.44 s
     # the decode worker's scheduler caps its steps with the same table
     # ... with at least 1 token: a prefill under way ends however many hand-overs arrive
-    assert p.worker_chunks() == (25, 20, 15, 10, 5, 1)
+    assert p.worker_chunks() == (25, 25, 20, 15, 10, 5, 1)
     cfg = SchedulerConfig(role="decode", prefill_chunk_while_decoding=p.worker_chunks())
-    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [None, 25, 20, 5, 1, 1]
+    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [25, 25, 20, 5, 1, 1]
+    assert SchedulerConfig(prefill_chunk_while_decoding=8).prefill_cap(0) is None
     with pytest.raises(ValueError, match="one per number of decodes"):
         SchedulerConfig(role="decode", prefill_chunk_while_decoding=(4, -1))
 

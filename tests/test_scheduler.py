@@ -240,9 +240,9 @@ def test_prefill_chunk_while_decoding_caps_waiting_prompts_too_and_not_without_d
 
 
 def test_a_chunk_table_caps_prompt_tokens_by_how_many_decode():
-    """(6, 3, 1): beside 1 decode 6 prompt tokens a step, beside 2 decodes 3, beside 3 or
-    more 1 (never none: the prompt under way must end); alone, the full budget."""
-    s = make(budget=16, cap=(6, 3, 1))
+    """(16, 6, 3, 1): alone the full budget, beside 1 decode 6 prompt tokens a step, beside 2
+    decodes 3, beside 3 or more 1 (never none: the prompt under way must end)."""
+    s = make(budget=16, cap=(16, 6, 3, 1))
     a, b = req("a", 4, max_tokens=20), req("b", 4, max_tokens=20)
     s.add_request(a)
     step(s)  # a decodes from now on

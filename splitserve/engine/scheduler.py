@@ -22,7 +22,8 @@ Roles differ only in where a request enters and leaves:
 
 `prefill_chunk_while_decoding` caps the prompt tokens of a step that also decodes (chunked
 mode): a decode worker's own prefill then advances in small chunks beside the decodes instead
-of stalling them for a whole prompt.
+of stalling them for a whole prompt. A table caps by the number of decodes, from none up
+(SchedulerConfig.prefill_cap).
 """
 
 from __future__ import annotations

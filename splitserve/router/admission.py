@@ -131,11 +131,12 @@ class CostModel:
         return t
 
     def busy_chunk(self, decodes: int) -> int:
-        """A decode worker's prompt tokens per step beside `decodes` decodes."""
+        """A decode worker's prompt tokens per step beside `decodes` decodes (as
+        SchedulerConfig.prefill_cap: a table is indexed from 0 decodes)."""
         c = self.busy_chunk_tokens
-        if not decodes:
-            return self.chunk_tokens
-        return c[min(decodes, len(c)) - 1] if isinstance(c, tuple) else c
+        if isinstance(c, tuple):
+            return min(c[min(decodes, len(c) - 1)], self.chunk_tokens)
+        return c if decodes else self.chunk_tokens
 
     def prefill_s(self, backlog_tokens: int, prompt_tokens: int, decodes: int = 0,
                   decode_ctx: int = 0, capped: bool = True) -> float:
@@ -166,9 +167,10 @@ class CostModel:
 
     def chunk_table(self, tpot_s: float, max_decodes: int, context: int,
                     max_chunk: int | None = None) -> tuple[int, ...]:
-        """For 1, 2, ... decodes: the most prompt tokens a step may add and still take at
-        most `tpot_s` (0: not one), as SchedulerConfig.prefill_chunk_while_decoding takes it;
-        the trailing repeats of the last entry are dropped."""
+        """For 0, 1, 2, ... decodes: the most prompt tokens a step may add and still take at
+        most `tpot_s` (0: not one), as SchedulerConfig.prefill_chunk_while_decoding takes it.
+        With nothing decoding, what one decode would allow: a hand-over that lands during
+        the step waits for it. The trailing repeats of the last entry are dropped."""
         top = max_chunk or self.chunk_tokens
         out = []
         for b in range(1, max_decodes + 1):
@@ -182,6 +184,7 @@ class CostModel:
             out.append(lo)
             if lo == 0:
                 break
+        out.insert(0, out[0])
         while len(out) > 1 and out[-1] == out[-2]:
             out.pop()
         return tuple(out)

@@ -78,12 +78,12 @@ class SloLocalPrefill:
     """Conditional disaggregation by the TPOT SLO (serve --local-prefill slo): a decode worker
     prefills a request itself when, by the cost model (admission.CostModel), its first token
     comes sooner there than behind the prefill worker's queue, and only in chunks its decodes
-    can take within the SLO: `chunks[b-1]` prompt tokens beside b decodes (CostModel.chunk_table;
+    can take within the SLO: `chunks[b]` prompt tokens beside b decodes (CostModel.chunk_table;
     the decode workers' schedulers cap their steps with worker_chunks(), the same table with
     at least 1 token, so that a prefill under way still ends when hand-overs keep arriving).
     A worker whose decodes leave fewer than MIN_CHUNK tokens of room takes no new prefill.
-    Idle, it prefills in full chunks; the hand-overs that then land there are held to the
-    table's chunks."""
+    Idle, it prefills in the chunks one decode would allow: a hand-over that lands there waits
+    for the step under way."""
 
     MIN_CHUNK = 4
 
@@ -99,9 +99,7 @@ class SloLocalPrefill:
         return tuple(max(1, c) for c in self.chunks)
 
     def chunk(self, decoding: int) -> int:
-        if decoding == 0:
-            return self.cost.chunk_tokens
-        return self.chunks[min(decoding, len(self.chunks)) - 1]
+        return self.chunks[min(decoding, len(self.chunks) - 1)]
 
     def local_s(self, d: DecodeLoad, prompt_tokens: int) -> float | None:
         """Seconds to the request's first token on decode worker `d`, or None: no room."""
