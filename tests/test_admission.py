@@ -241,3 +241,39 @@ def test_a_refused_request_leaves_the_round_robin_where_it_was():
     assert {r: p.turn for r, p in s.policies.items()} == turns
     s.admission.mode = "off"
     assert [s.route(f"r{i}", 10, 0.0).decode for i in range(2)] == ["d1", "d0"]
+
+
+# -- serve's flags ------------------------------------------------------------------------------
+def _serve_args(*argv):
+    from splitserve.cli import build_parser
+
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_serve_flags_build_the_policies_and_bad_ones_are_refused_by_name():
+    from splitserve.router.policies import LocalPrefill, SloLocalPrefill
+    from splitserve.server.launch import build_admission, local_prefill_policy, run_serve
+
+    a = _serve_args("--admission", "predictive", "--ttft-slo", "2", "--tpot-slo", "0.05",
+                    "--latency-model", "constant:0.01", "--local-prefill", "slo",
+                    "--max-num-batched-tokens", "256", "--max-queue", "32")
+    local = local_prefill_policy(a)
+    adm = build_admission(a)
+    assert isinstance(local, SloLocalPrefill) and adm.mode == "predictive"
+    assert adm.slo == SLO(2.0, 0.05) and adm.max_queue == 32 and adm.cost.chunk_tokens == 256
+    # the decode workers get the chunk table, and admission prices their prefills with it
+    assert a.local_prefill_chunk == local.worker_chunks() == adm.cost.busy_chunk_tokens
+    assert isinstance(local_prefill_policy(_serve_args()), LocalPrefill)
+    assert local_prefill_policy(_serve_args("--local-prefill", "off")) is None
+    assert build_admission(_serve_args("--max-queue", "0")) is None  # off and unbounded
+    for argv, says in (
+            (["--admission", "predictive"], "needs --ttft-slo, --tpot-slo, --latency-model"),
+            (["--local-prefill", "slo", "--tpot-slo", "0.05"], "needs --latency-model"),
+            (["--admission", "reactive", "--ttft-slo", "inf", "--tpot-slo", "1",
+              "--latency-model", "constant:1"], "--ttft-slo must be a positive number"),
+            (["--max-queue", "-1"], "--max-queue must be >= 0")):
+        with pytest.raises(SystemExit, match=says):
+            run_serve(_serve_args(*argv))
+    with pytest.raises(SystemExit):  # argparse: a chunk of 0 tokens
+        _serve_args("--local-prefill-chunk", "8,0")
+    assert _serve_args("--local-prefill-chunk", "8,4,2").local_prefill_chunk == (8, 4, 2)
