@@ -46,6 +46,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=E.positive(float), default=30.0, help="how long the load runs")
     p.add_argument("--kill-every", type=E.non_negative, default=180.0, metavar="S",
                    help="SIGKILL a random worker every S seconds on average (x0.5-1.5); 0: never")
+    p.add_argument("--cv", type=E.positive(float), default=1.0,
+                   help="arrival burstiness: 1 Poisson, above 1 gamma-distributed gaps (bursts)")
     p.add_argument("--rate", type=E.positive(float), default=0.5,
                    help="arrivals per second (Poisson)")
     p.add_argument("--concurrency", type=E.positive(int), default=16,
@@ -54,6 +56,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0, help="co-located workers instead of P/D")
     p.add_argument("--local-prefill", default="auto", choices=["auto", "off"])
+    g = p.add_argument_group("overload: serve's admission control (docs/admission.md)")
+    g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"])
+    g.add_argument("--ttft-slo", type=E.positive(float), default=None)
+    g.add_argument("--tpot-slo", type=E.positive(float), default=None)
+    g.add_argument("--latency-model", default=None)
+    g.add_argument("--max-queue", type=int, default=None, help="default: serve's")
     p.add_argument("--cores", type=E.positive(int), default=None, help="default: this process's")
     p.add_argument("--kv-cache-gb", type=E.positive(float), default=0.25)
     p.add_argument("--max-prompt", type=E.positive(int), default=320, help="prompt tokens, at most")
@@ -111,15 +119,25 @@ def serve_command(a, port: int) -> list[str]:
              else ["--prefill", str(a.prefill), "--decode", str(a.decode)])
     return [sys.executable, "-m", "splitserve.cli", "serve", "--port", str(port), "--threads", "1",
             "--kv-cache-gb", str(a.kv_cache_gb), "--local-prefill", a.local_prefill,
-            "--worker-cores", ";".join(f"{g[0]}-{g[-1]}" for g in groups), *roles]
+            "--worker-cores", ";".join(f"{g[0]}-{g[-1]}" for g in groups), *roles,
+            *_admission_flags(a)]
+
+
+def _admission_flags(a) -> list[str]:
+    flags = ["--admission", a.admission]
+    for flag, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo),
+                    ("--latency-model", a.latency_model), ("--max-queue", a.max_queue)):
+        if v is not None:
+            flags += [flag, str(v)]
+    return flags
 
 
 # -- the report ----------------------------------------------------------------------------------
 def classify(s: Soak, plans: dict[int, Plan], oracle: dict, decode) -> dict:
     """Counts over the records, with each wrong or differing greedy 200 listed."""
     c = {k: 0 for k in ("sent", "correct_200", "sampled_200", "wrong_200", "differs_chunking",
-                        "err_in_flight_at_kill", "err_client_disconnect", "err_other",
-                        "unclean", "hangs")}
+                        "rejected_429", "err_in_flight_at_kill", "err_client_disconnect",
+                        "err_other", "unclean", "hangs")}
     other_by_status: dict[str, int] = {}
     mismatches = []
     for r in s.recs:
@@ -133,7 +151,9 @@ def classify(s: Soak, plans: dict[int, Plan], oracle: dict, decode) -> dict:
         elif r.outcome in ("error", "broken"):
             if r.outcome == "broken":
                 c["unclean"] += 1
-            if at_kill:
+            if r.status == 429:  # admission control refused it, at once and cleanly
+                c["rejected_429"] += 1
+            elif at_kill:
                 c["err_in_flight_at_kill"] += 1
             else:
                 c["err_other"] += 1
@@ -168,8 +188,30 @@ def judge(c: dict, plans: dict[int, Plan], procs: int) -> None:
         m["kind"] = "differs (chunking)" if tie else "wrong"
         c["differs_chunking" if tie else "wrong_200"] += 1
     ok = c["correct_200"] + c["sampled_200"] + c["differs_chunking"]
-    base = c["sent"] - c["err_in_flight_at_kill"] - c["err_client_disconnect"]
+    base = (c["sent"] - c["err_in_flight_at_kill"] - c["err_client_disconnect"]
+            - c.get("rejected_429", 0))
     c["success_rate_excl_kills"] = ok / base if base else None
+
+
+def _served_after(base: str, n: int = 3) -> str:
+    """Once the load is over: does the server serve normally? n short requests, one at a time."""
+    ok = 0
+    for i in range(n):
+        try:
+            r = httpx.post(base + "/v1/completions", timeout=120, json={
+                "model": "default", "prompt": f"After the soak, request {i}:", "max_tokens": 8,
+                "temperature": 0})
+            ok += r.status_code == 200 and bool(r.json()["choices"][0]["text"])
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            pass
+    return f"{ok}/{n}"
+
+
+def _health_summary(probes: list) -> dict:
+    ms = sorted(m for _, m in probes if m is not None)
+    return {"health_probes": len(probes), "health_failures": len(probes) - len(ms),
+            "health_p99_ms": round(ms[int(0.99 * (len(ms) - 1))], 1) if ms else None,
+            "health_max_ms": round(ms[-1], 1) if ms else None}
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -182,12 +224,13 @@ def _rows(r: dict, hang_timeout: float) -> list[tuple[str, object]]:
             ("200s sampled (T=0.8, not compared)", r["sampled_200"]),
             ("differs (chunking near-tie)", r["differs_chunking"]),
             ("**wrong 200s**", r["wrong_200"]),
+            ("refused (429, admission control)", r.get("rejected_429", 0)),
             ("errors: in flight at a kill", r["err_in_flight_at_kill"]),
             ("errors: client disconnects", r["err_client_disconnect"]),
             ("errors: other", r["err_other"]),
             ("of the errors, unclean (no error JSON / event)", r["unclean"]),
             (f"**hangs** (no answer in {hang_timeout:g} s)", r["hangs"]),
-            ("success rate excl. in flight at a kill and disconnects",
+            ("success rate excl. in flight at a kill, disconnects and 429s",
              "-" if rate is None else f"{rate:.4f}"),
             ("kills (SIGKILL)", f"{len(r['kills'])} ("
              + ", ".join(k["worker_id"] for k in r["kills"]) + ")"
@@ -197,6 +240,10 @@ def _rows(r: dict, hang_timeout: float) -> list[tuple[str, object]]:
              f"{w['started']} / {w['alive_at_end']} / {w['restarted']}"),
             ("**leaked blocks** (idle)", r["leaked_blocks"]),
             ("integrity errors", r["integrity_errors"]),
+            ("served normally after the load (200s)", r.get("served_after", "-")),
+            ("/health probes (every 2 s): failed / p99 / max ms",
+             f"{r.get('health_failures', '-')} of {r.get('health_probes', '-')} / "
+             f"{r.get('health_p99_ms', '-')} / {r.get('health_max_ms', '-')}"),
             ("client CPU", f"{r['client_cpu_s']:.1f} s ({r['client_cpu_share']:.1%} of a core)")]
     start, end = r["procs_start"], r["procs_end"]
     for name in sorted(set(start) | set(end)):
@@ -249,6 +296,7 @@ def main(a) -> int:
         load_s = s.now()
         idle = wait_idle(base)
         end = snapshot(base, proc.pid)
+        after = _served_after(base)
     finally:
         stop_server(proc)
     client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -274,7 +322,8 @@ def main(a) -> int:
               "workers": workers, "leaked_blocks": leaked, "integrity_errors": integrity,
               "client_cpu_s": round(client_cpu, 1),
               "client_cpu_share": round(client_cpu / load_s, 4) if load_s else None,
-              "oracle_s": round(oracle_s, 1), "procs_start": start, "procs_end": end, **c}
+              "oracle_s": round(oracle_s, 1), "procs_start": start, "procs_end": end,
+              "served_after": after, **_health_summary(s.health), **c}
     rows = _rows(result, a.hang_timeout)
     print(f"soak: {a.minutes:g} min at {a.rate:g} req/s, {' '.join(cmd[3:])}\n\n{_table(rows)}")
     for m in sorted(c["mismatches"], key=lambda m: m["kind"] != "wrong")[:10]:

@@ -60,6 +60,7 @@ class Soak:
     skipped_kills: int = 0
     start_pids: set = field(default_factory=set)
     restart_seen: bool = False
+    health: list = field(default_factory=list)  # (time, ms to answer /health, or None: failed)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -183,16 +184,38 @@ async def _killer(base: str, a, s: Soak, stop_at: float, rng: random.Random) -> 
                       file=sys.stderr)
 
 
+async def _health_prober(base: str, s: Soak, every_s: float = 2.0) -> None:
+    """GET /health every `every_s` throughout: does the server answer while it is loaded?"""
+    async with httpx.AsyncClient(timeout=5.0) as h:
+        while True:
+            t = time.monotonic()
+            try:
+                ok = (await h.get(base + "/health")).status_code in (200, 503)
+            except httpx.HTTPError:
+                ok = False
+            s.health.append((s.now(), (time.monotonic() - t) * 1e3 if ok else None))
+            await asyncio.sleep(max(0.0, every_s - (time.monotonic() - t)))
+
+
+def _gap(rng: random.Random, rate: float, cv: float) -> float:
+    """An inter-arrival time: Poisson at cv 1, burstier (gamma) above."""
+    if cv == 1.0:
+        return rng.expovariate(rate)
+    shape = 1.0 / (cv * cv)
+    return rng.gammavariate(shape, 1.0 / (rate * shape))
+
+
 async def run_load(base: str, plans: list[Plan], a, s: Soak) -> None:
     rng = random.Random(a.seed + 1)
     stop_at = a.minutes * 60
     sem = asyncio.Semaphore(a.concurrency)
     killer = (asyncio.create_task(_killer(base, a, s, stop_at, random.Random(a.seed + 2)))
               if a.kill_every > 0 else None)
+    prober = asyncio.create_task(_health_prober(base, s))
     tasks, next_t, last_print = [], 0.0, 0.0
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as h:
         for p in plans:
-            next_t += rng.expovariate(a.rate)
+            next_t += _gap(rng, a.rate, getattr(a, "cv", 1.0))
             if next_t >= stop_at:
                 break
             await asyncio.sleep(max(0.0, next_t - s.now()))
@@ -203,6 +226,8 @@ async def run_load(base: str, plans: list[Plan], a, s: Soak) -> None:
                 print(f"[{s.now():7.1f} s] sent {len(tasks)}, answered {len(done)}, ok "
                       f"{sum(r.outcome == 'ok' for r in done)}", file=sys.stderr)
         await asyncio.gather(*tasks)
+    prober.cancel()
+    await asyncio.gather(prober, return_exceptions=True)
     if killer is not None:
         killer.cancel()
         await asyncio.gather(killer, return_exceptions=True)
