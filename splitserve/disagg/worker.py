@@ -232,6 +232,7 @@ class Worker:
         why, self.router_lost = self.router_lost, None
         self.router_seen = float("-inf")  # no lease: nothing more is written anywhere
         held = self._abort_everything()
+        self.stats.aborts += held
         # (the fences went out first) new connections to the decode workers: the router
         # tells them this incarnation is gone, and they stop listening to its old ones
         for wid in list(self.senders):
@@ -283,8 +284,9 @@ class Worker:
         # sent to the whole group (systemd's default) must not end it under serve's drain;
         # serve stops it with Shutdown once the drain is over (or it exits when serve is gone)
         stop = lambda *_: setattr(self, "running", False)  # noqa: E731
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if self.cfg.parent_pid else stop)
+        if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.cfg.parent_pid else stop)
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         last_stats = 0.0
         try:
