@@ -160,7 +160,8 @@ def local_prefill_policy(a):
     table = cost.chunk_table(a.tpot_slo, a.max_num_seqs, SLO_CHUNK_CONTEXT)
     policy = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
     a.local_prefill_chunk = policy.worker_chunks()
-    log.info("--local-prefill slo: prompt tokens per step beside 1, 2, ... decodes: %s", table)
+    log.info("--local-prefill slo: prompt tokens per step beside 0, 1, 2, ... decodes: %s (the "
+             "decode workers' --local-prefill-chunk %s)", table, chunk_flag(a.local_prefill_chunk))
     return policy
 
 
