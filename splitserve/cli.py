@@ -137,48 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_handover_args(bh)
     bh.set_defaults(func=cmd_bench_handover)
+    from splitserve.bench import admission as bench_admission
     from splitserve.bench import compare as bench_compare
     from splitserve.bench import load as bench_load
-
-    bs = bsub.add_parser("serve", help="load an OpenAI-compatible endpoint: latency, SLO "
-                         "attainment, goodput by bisection on the rate")
-    bench_load.add_args(bs)
-    bs.set_defaults(func=bench_load.main)
-    bc = bsub.add_parser("compare", help="the same workload against P/D, co-located (chunked, "
-                         "prefill-first) and llama-server, each started here")
-    bench_compare.add_args(bc)
-    bc.set_defaults(func=bench_compare.main)
-    from splitserve.bench import admission as bench_admission
-
-    ba = bsub.add_parser("admission", help="the router time admission control adds per request "
-                         "(route() p50 / p99, refused and admitted, vs admission off)")
-    bench_admission.add_args(ba)
-    ba.set_defaults(func=bench_admission.main)
     from splitserve.bench import soak as bench_soak
-
-    bk = bsub.add_parser("soak", help="start serve, load it for --minutes while SIGKILLing "
-                         "random workers; every greedy 200 checked against the offline engine")
-    bench_soak.add_args(bk)
-    bk.set_defaults(func=bench_soak.main)
-    from splitserve.sim import validate as sim_validate
-
-    bv = bsub.add_parser("validate", help="the simulator against real runs of the same workload, "
-                         "seed and rates on this machine (attainment and latency errors)")
-    sim_validate.add_args(bv)
-    bv.set_defaults(func=sim_validate.main)
-
     from splitserve.sim import profile as sim_profile
     from splitserve.sim import run as sim_run
+    from splitserve.sim import validate as sim_validate
 
-    pr = sub.add_parser("profile", help="time real engine steps of known shape on this machine and "
-                        "fit the simulator's `fitted` latency model to them")
-    sim_profile.add_args(pr)
-    pr.set_defaults(func=sim_profile.main)
-
-    si = sub.add_parser("sim", help="simulate a deployment (the server's own scheduling code on "
-                        "a virtual clock) on any bench workload: same report as bench serve")
-    sim_run.add_args(si)
-    si.set_defaults(func=sim_run.main)
+    for subs, name, module, text in (
+            (bsub, "serve", bench_load, "load an OpenAI-compatible endpoint: latency, SLO "
+             "attainment, goodput by bisection on the rate"),
+            (bsub, "compare", bench_compare, "the same workload against P/D, co-located (chunked, "
+             "prefill-first) and llama-server, each started here"),
+            (bsub, "admission", bench_admission, "the router time admission control adds per "
+             "request (route() p50 / p99, refused and admitted, vs admission off)"),
+            (bsub, "soak", bench_soak, "start serve, load it for --minutes while SIGKILLing "
+             "random workers; every greedy 200 checked against the offline engine"),
+            (bsub, "validate", sim_validate, "the simulator against real runs of the same "
+             "workload, seed and rates on this machine (attainment and latency errors)"),
+            (sub, "profile", sim_profile, "time real engine steps of known shape on this machine "
+             "and fit the simulator's `fitted` latency model to them"),
+            (sub, "sim", sim_run, "simulate a deployment (the server's own scheduling code on a "
+             "virtual clock) on any bench workload: same report as bench serve")):
+        sp = subs.add_parser(name, help=text)  # each module brings its flags and its main
+        module.add_args(sp)
+        sp.set_defaults(func=module.main)
     return p
 
 

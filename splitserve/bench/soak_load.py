@@ -215,7 +215,7 @@ async def run_load(base: str, plans: list[Plan], a, s: Soak) -> None:
     tasks, next_t, last_print = [], 0.0, 0.0
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as h:
         for p in plans:
-            next_t += _gap(rng, a.rate, getattr(a, "cv", 1.0))
+            next_t += _gap(rng, a.rate, a.cv)
             if next_t >= stop_at:
                 break
             await asyncio.sleep(max(0.0, next_t - s.now()))

@@ -181,8 +181,8 @@ class Worker:
     def register(self, retry: bool = False) -> None:
         """Register and wait for the Welcome: for register_timeout_s (then raise), or with
         `retry` (registering again after the router was lost) until one comes, asking again
-        every register_timeout_s. A router answers a repeated Register of the same process
-        with the same Welcome."""
+        every register_timeout_s. A router answers a Register repeated by the same attempt (its
+        nonce) with the same Welcome."""
         eng = self.engine
         transport = self.cfg.kv_transport
         if self.role == "decode":
@@ -229,8 +229,7 @@ class Worker:
         request held here (their clients were that router's), then register again. Blocks a
         prefill worker may be writing stay fenced until its KVFence (or fence_max_s), as for
         any abort."""
-        why, self.router_lost = self.router_lost, None
-        self.router_seen = float("-inf")  # no lease: nothing more is written anywhere
+        why, self.router_lost = self.router_lost, None  # (_lose_router ended the lease)
         held = self._abort_everything()
         self.stats.aborts += held
         # (the fences went out first) new connections to the decode workers: the router

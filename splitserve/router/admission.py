@@ -45,12 +45,21 @@ REASONS = ("ttft", "tpot", "queue")
 CTX_BUCKET = 64  # decode step times are memoised per batch size and context / this
 LOW_PRIORITY_SHARE = 0.8  # the share of its SLOs one priority level above 0 may use
 LOW_PRIORITY_QUEUE = 0.75  # the share of max_queue requests of priority > 0 may fill
+UNBOUNDED_S = 1e9  # an SLO a request does not set
 
 
 @dataclass(frozen=True)
 class SLO:
     ttft_s: float
     tpot_s: float
+
+    @classmethod
+    def given(cls, ttft_s: float | None, tpot_s: float | None) -> SLO | None:
+        """A request's own SLOs (None: it gave none); one it leaves out is unbounded, so the
+        deployment's applies there (Admission.decide takes the tighter of the two)."""
+        if ttft_s is None and tpot_s is None:
+            return None
+        return cls(UNBOUNDED_S if ttft_s is None else ttft_s, UNBOUNDED_S if tpot_s is None else tpot_s)
 
     def __post_init__(self):
         for name, v in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s)):
@@ -174,15 +183,8 @@ class CostModel:
         top = max_chunk or self.chunk_tokens
         out = []
         for b in range(1, max_decodes + 1):
-            lo, hi = 0, top
-            while lo < hi:  # the largest chunk that fits (step time grows with it)
-                mid = (lo + hi + 1) // 2
-                if self.busy_step_s(b, mid, context) <= tpot_s:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            out.append(lo)
-            if lo == 0:
+            out.append(_largest(top, lambda c, b=b: self.busy_step_s(b, c, context) <= tpot_s))
+            if out[-1] == 0:
                 break
         out.insert(0, out[0])
         while len(out) > 1 and out[-1] == out[-2]:
@@ -191,14 +193,21 @@ class CostModel:
 
     def max_batch(self, tpot_s: float, context: int, limit: int = 4096) -> int:
         """The largest decode batch whose step meets `tpot_s` (0: not even one request)."""
-        lo, hi = 0, limit
-        while lo < hi:  # step times never fall as the batch grows (latency models are monotone)
-            mid = (lo + hi + 1) // 2
-            if self.decode_step_s(mid, context) <= tpot_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return _largest(limit, lambda b: self.decode_step_s(b, context) <= tpot_s)
+
+
+def _largest(hi: int, fits) -> int:
+    """The largest n in [0, hi] with fits(n), by bisection: fits must hold up to some n and
+    not above it (step times never fall as a batch or a chunk grows: latency models are
+    monotone). fits(0) is taken as true."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _retry(seconds: float) -> int:

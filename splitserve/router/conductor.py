@@ -260,7 +260,7 @@ class Conductor:
         wp = M.Params.of(params)  # everything that can fail before the route is taken
         s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
         t = self.state.route(request_id, len(prompt_token_ids), time.monotonic(),
-                             max_tokens=params.max_tokens, slo=self._slo(*slo), priority=priority)
+                             max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority)
         self._streams[request_id] = s
         if t.worker is not None:
             self._send(t.worker, M.Generate(request_id, s.prompt, wp), request_id)
@@ -283,15 +283,6 @@ class Conductor:
                 self._abort(request_id)
             self._streams.pop(request_id, None)
             self.state.finish(request_id)
-
-    def _slo(self, ttft: float | None, tpot: float | None):
-        adm = self.state.admission
-        if (ttft is None and tpot is None) or adm is None:
-            return None
-        base = adm.slo
-        if base is None and (ttft is None or tpot is None):
-            return SLO(ttft or 1e9, tpot or 1e9)  # only what the request gave
-        return SLO(ttft if ttft is not None else base.ttft_s, tpot if tpot is not None else base.tpot_s)
 
     def _fail(self, request_id: str, message: str) -> None:
         s = self._streams.get(request_id)

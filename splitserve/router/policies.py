@@ -87,6 +87,12 @@ class SloLocalPrefill:
 
     MIN_CHUNK = 4
 
+    @classmethod
+    def for_slo(cls, cost, tpot_s: float, max_decodes: int,
+                context: int = SLO_CHUNK_CONTEXT) -> SloLocalPrefill:
+        """The policy whose chunk table holds steps to `tpot_s` (CostModel.chunk_table)."""
+        return cls(cost, cost.chunk_table(tpot_s, max_decodes, context), context)
+
     def __init__(self, cost, chunks: Sequence[int], context: int = SLO_CHUNK_CONTEXT):
         if not chunks:
             raise ValueError("the chunk table needs an entry per number of decodes")

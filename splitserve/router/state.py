@@ -204,7 +204,7 @@ class RouterState:
                                       f"context is {self.max_model_len}", param="prompt")
         need = self._check_fits(prompt_len)
         t = Track(request_id, prompt_len, max_tokens)
-        turns = [getattr(p, "turn", None) for p in self.policies.values()]
+        turns = [p.turn for p in self.policies.values()]
         whole = self._pick("colocated", need)
         prefill = self._pick("prefill", need) if whole is None else None
         if whole is None and self.local_prefill is not None:
@@ -222,8 +222,7 @@ class RouterState:
             verdict = self.admission.decide(self, t, now, slo, priority)
             if not verdict.admit:  # as if it never came: the round-robin turns go back too
                 for p, turn in zip(self.policies.values(), turns):
-                    if turn is not None:
-                        p.turn = turn
+                    p.turn = turn
                 raise Overloaded(verdict)
         for wid in (t.worker, t.prefill, t.decode):
             if wid is not None:

@@ -146,7 +146,7 @@ def local_prefill_policy(a):
     """The router's conditional-disaggregation policy for serve's flags (None: off); with
     --local-prefill slo, also sets a.local_prefill_chunk to the chunk table the decode
     workers cap their steps with."""
-    from splitserve.router.policies import SLO_CHUNK_CONTEXT, LocalPrefill, SloLocalPrefill
+    from splitserve.router.policies import LocalPrefill, SloLocalPrefill
 
     if a.colocated or a.local_prefill == "off":
         return None
@@ -156,12 +156,11 @@ def local_prefill_policy(a):
         return None
     if a.local_prefill == "auto":
         return LocalPrefill()
-    cost = cost_model(a)
-    table = cost.chunk_table(a.tpot_slo, a.max_num_seqs, SLO_CHUNK_CONTEXT)
-    policy = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
+    policy = SloLocalPrefill.for_slo(cost_model(a), a.tpot_slo, a.max_num_seqs)
     a.local_prefill_chunk = policy.worker_chunks()
     log.info("--local-prefill slo: prompt tokens per step beside 0, 1, 2, ... decodes: %s (the "
-             "decode workers' --local-prefill-chunk %s)", table, chunk_flag(a.local_prefill_chunk))
+             "decode workers' --local-prefill-chunk %s)", policy.chunks,
+             chunk_flag(a.local_prefill_chunk))
     return policy
 
 
@@ -170,18 +169,14 @@ def chunk_flag(chunk: int | tuple[int, ...]) -> str:
 
 
 def parse_chunks(text: str) -> int | tuple[int, ...]:
-    """--local-prefill-chunk: N, or N1,N2,... (per number of decodes; 0: none)."""
+    """--local-prefill-chunk: N, or N0,N1,N2,... (beside 0, 1, 2, ... decodes)."""
     try:
         parts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N1,N2,... token counts, got {text!r}") from None
-    if len(parts) == 1:
-        if parts[0] < 1:
-            raise argparse.ArgumentTypeError(f"a chunk must be >= 1 token, got {parts[0]}")
-        return parts[0]
+        raise argparse.ArgumentTypeError(f"expected N or N0,N1,... token counts, got {text!r}") from None
     if any(p < 1 for p in parts):  # (a 0 would stall a prompt under way beside decodes)
         raise argparse.ArgumentTypeError(f"chunks must be >= 1 token, got {text!r}")
-    return tuple(parts)
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 async def run_deployment(a) -> int:

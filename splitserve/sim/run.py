@@ -237,7 +237,7 @@ def admission_factory(a, dep: DeploymentSpec, latency: LatencyModel, busy_chunks
     --local-prefill-chunk)."""
     from splitserve.router.admission import SLO, Admission, CostModel
 
-    mode, max_queue = getattr(a, "admission", "off"), getattr(a, "max_queue", 0)
+    mode, max_queue = a.admission, a.max_queue
     if max_queue < 0:
         raise SimError(f"--max-queue must be >= 0 (0: unbounded), got {max_queue}")
     if mode == "off" and not max_queue:
@@ -258,11 +258,10 @@ def main(a) -> int:
     local = None
     if a.local_prefill == "slo":
         from splitserve.router.admission import CostModel
-        from splitserve.router.policies import SLO_CHUNK_CONTEXT, SloLocalPrefill
+        from splitserve.router.policies import SloLocalPrefill
 
         cost = CostModel(latency, dep.max_num_batched_tokens, a.local_prefill_chunk)
-        table = cost.chunk_table(E.slos(a)[1], a.max_num_seqs, SLO_CHUNK_CONTEXT)
-        local = SloLocalPrefill(cost, table, SLO_CHUNK_CONTEXT)
+        local = SloLocalPrefill.for_slo(cost, E.slos(a)[1], a.max_num_seqs)
     sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
                     admission=admission_factory(a, dep, latency,
                                                 local.worker_chunks() if local else None),
