@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode: address its KV data socket binds and announces (a routable IP "
                         "when prefill workers run on other hosts)")
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--tpot-slo", type=float, default=None,
+                   help="decode: size the prefills the router gives this worker itself by the "
+                        "TPOT slack of its decodes (serve --local-prefill slo; with --latency-model)")
+    w.add_argument("--latency-model", default=None,
+                   help="decode, with --tpot-slo: the step times it prices chunks with "
+                        "(fitted:PROFILE.json, as serve's)")
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="benchmarks")

@@ -174,9 +174,10 @@ def test_less_important_requests_are_refused_first():
 def test_the_chunk_table_keeps_busy_steps_within_the_tpot_slo():
     c = cost()
     # 10 ms + 1 ms/prompt token + 5 ms/decode <= 40 ms: 25, 20, 15, 10, 5 tokens beside 1-5
-    # decodes, then none; beside none, what one decode allows (a hand-over may land)
-    assert c.chunk_table(0.040, 64, 100) == (25, 25, 20, 15, 10, 5, 0)
-    assert c.chunk_table(0.040, 3, 100) == (25, 25, 20, 15)
+    # decodes, then none; beside none, the whole budget (the decode workers' SlackChunks
+    # hold such a step to what a hand-over on its way can absorb)
+    assert c.chunk_table(0.040, 64, 100) == (100, 25, 20, 15, 10, 5, 0)
+    assert c.chunk_table(0.040, 3, 100) == (100, 25, 20, 15)
     assert CostModel(Linear(), chunk_tokens=12).chunk_table(0.040, 64, 100) == (12, 12, 12, 12, 10, 5, 0)
     assert c.chunk_table(1.0, 8, 100) == (100,)  # the whole budget, whatever the batch
 
@@ -199,14 +200,18 @@ def test_slo_local_prefill_goes_local_only_where_the_chunks_fit_and_it_is_sooner
     assert p.pick(100, 300, [busy, two]) == "d-two"
     assert p.pick(100, 0, [busy, two]) is None  # 0.11 s on the prefill worker is sooner
     idle = DecodeLoad("d-idle", decoding=0, prefill_tokens=0)
-    assert p.local_s(idle, 100) == pytest.approx(4 * 0.035)  # 25-token chunks even idle
-    assert p.pick(100, 1, [two, idle]) is None  # 0.121 s on the prefill worker
-    assert p.pick(100, 300, [two, idle]) == "d-idle"  # 0.14 s, sooner than 0.2 s and 0.44 s
-    # the decode worker's scheduler caps its steps with the same table
-    # ... with at least 1 token: a prefill under way ends however many hand-overs arrive
-    assert p.worker_chunks() == (25, 25, 20, 15, 10, 5, 1)
+    assert p.local_s(idle, 100) == pytest.approx(0.110)  # idle: one chunk of the whole budget
+    assert p.pick(100, 0, [two, idle]) is None  # 0.11 s on the prefill worker too: not sooner
+    assert p.pick(100, 1, [two, idle]) == "d-idle"  # 0.121 s on the prefill worker
+    # with a TTFT SLO the prefill worker meets, no decode worker is slowed for it
+    ttft = SloLocalPrefill(c, table, context=100, ttft_s=0.5)
+    assert ttft.pick(100, 300, [busy, two]) is None  # 0.44 s <= 0.5 s
+    assert ttft.pick(100, 400, [busy, two]) == "d-two"  # 0.55 s: over it, and d-two is sooner
+    # a decode worker run without SlackChunks caps its steps with the same table, with at
+    # least 1 token: a prefill under way ends however many hand-overs arrive
+    assert p.worker_chunks() == (100, 25, 20, 15, 10, 5, 1)
     cfg = SchedulerConfig(role="decode", prefill_chunk_while_decoding=p.worker_chunks())
-    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [25, 25, 20, 5, 1, 1]
+    assert [cfg.prefill_cap(b) for b in (0, 1, 2, 5, 6, 40)] == [100, 25, 20, 5, 1, 1]
     assert SchedulerConfig(prefill_chunk_while_decoding=8).prefill_cap(0) is None
     with pytest.raises(ValueError, match="one per number of decodes"):
         SchedulerConfig(role="decode", prefill_chunk_while_decoding=(4, -1))
@@ -263,6 +268,14 @@ def test_serve_flags_build_the_policies_and_bad_ones_are_refused_by_name():
     assert adm.slo == SLO(2.0, 0.05) and adm.max_queue == 32 and adm.cost.chunk_tokens == 256
     # the decode workers get the chunk table, and admission prices their prefills with it
     assert a.local_prefill_chunk == local.worker_chunks() == adm.cost.busy_chunk_tokens
+    assert local.ttft_s == 2.0 and local.tpot_s == 0.05
+    # ... and the TPOT SLO and latency model their chunk policy (SlackChunks) needs
+    from splitserve.server.launch import worker_command
+
+    cmd = worker_command("decode", "tcp://127.0.0.1:1", "decode-1", [1], a)
+    assert cmd[cmd.index("--tpot-slo") + 1] == "0.05"
+    assert cmd[cmd.index("--latency-model") + 1] == "constant:0.01"
+    assert "--tpot-slo" not in worker_command("prefill", "tcp://127.0.0.1:1", "prefill-0", [0], a)
     assert isinstance(local_prefill_policy(_serve_args()), LocalPrefill)
     assert local_prefill_policy(_serve_args("--local-prefill", "off")) is None
     assert build_admission(_serve_args("--max-queue", "0")) is None  # off and unbounded

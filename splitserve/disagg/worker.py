@@ -64,6 +64,9 @@ class WorkerConfig:
     cores: tuple[int, ...] | None = None
     parent_pid: int | None = None  # exit when this process is gone (workers started by serve)
     register_timeout_s: float = 60.0
+    # decode: sizes its own prefills' chunks (router.policies.SlackChunks), or None: the
+    # engine's --local-prefill-chunk
+    prefill_policy: object | None = None
 
 
 def wire_logprobs(lp: tuple[float, list[tuple[int, float]]]) -> list:
@@ -99,6 +102,8 @@ class Worker:
         want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
         self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
+        if cfg.prefill_policy is not None:
+            eng.scheduler.prefill_policy = cfg.prefill_policy
         faults.install(eng, cfg.role)
         self.decisions = decision_log.Appender(self.worker_id)
         if self.decisions.path is not None:

@@ -49,9 +49,9 @@ class StepRecord:
 class EngineCore:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, root_hash: bytes,
                  max_model_len: int, eos_token_ids: Iterable[int] = (),
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, prefill_policy=None):
         self.kv = KVCacheManager(num_blocks, block_size, root_hash, enable_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv, max_model_len, eos_token_ids)
+        self.scheduler = Scheduler(config, self.kv, max_model_len, eos_token_ids, prefill_policy)
         self.trace: list | None = None
 
     @property
@@ -93,12 +93,14 @@ class EngineCore:
         return req
 
     # -- the step --------------------------------------------------------------------------
-    def step(self, forward: Forward) -> tuple[SchedulerOutput, list[Request]]:
-        """Schedule, run `forward` (not called for an empty step), advance. Returns the
+    def step(self, forward: Forward, now: float | None = None
+             ) -> tuple[SchedulerOutput, list[Request]]:
+        """Schedule (at `now`, for a prefill policy), run `forward` (not called for an empty
+        step), advance. Returns the
         schedule (its `finished` ended while scheduling, with no token) and the requests that
         got a token. When `forward` raises, the step's requests are aborted and StepFailed
         names them."""
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(now)
         if self.trace is not None and (out.chunks or out.preempted or out.finished):
             self.trace.append(StepRecord.of(out))
         if out.is_empty:

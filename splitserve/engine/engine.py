@@ -10,6 +10,7 @@ directly.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -204,7 +205,8 @@ class LLMEngine:
             return res.sampled
 
         try:
-            out, stepped = self.core.step(forward)
+            now = time.monotonic() if self.scheduler.prefill_policy is not None else None
+            out, stepped = self.core.step(forward, now)
         except StepFailed as e:  # the core aborted the step's requests; say so for each
             self.step_errors += 1
             return [self._output(r, [], []) for r in e.finished] + [

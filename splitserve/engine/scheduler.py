@@ -76,8 +76,13 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        prefill_policy=None,
     ):
         self.config = config
+        # A decode worker's own prefill chunks sized each step by a policy (router.policies.
+        # SlackChunks: `cap(now, decoding, reserved, prompt, budget)`) instead of the
+        # config's fixed cap; used by the steps that are given `now`.
+        self.prefill_policy = prefill_policy
         self.kv = kv
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -147,13 +152,16 @@ class Scheduler:
         self.kv.free(req)
 
     # -- scheduling ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """The next step's chunks. `now` (seconds, any fixed origin): for the prefill policy."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if self.config.chunked_prefill:
             cfg = self.config
             cap = None
-            if cfg.prefill_chunk_while_decoding is not None:
+            if self.prefill_policy is not None and now is not None:
+                cap = self._policy_cap(now, budget)
+            elif cfg.prefill_chunk_while_decoding is not None:
                 decoding = sum(1 for r in self.running
                                if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill)
                 cap = cfg.prefill_cap(decoding)
@@ -166,6 +174,20 @@ class Scheduler:
             if out.is_empty:
                 self._schedule_running(out, budget, budget)
         return out
+
+    def _policy_cap(self, now: float, budget: int) -> int:
+        decoding, prompt = [], None
+        for r in self.running:
+            if r.in_prefill:
+                if prompt is None:
+                    prompt = r
+            elif r.num_tokens - r.num_computed_tokens == 1:
+                decoding.append(r)
+        if prompt is None and self.waiting:
+            prompt = self.waiting[0]
+        reserved = [r for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV]
+        return self.prefill_policy.cap(now, decoding, reserved, prompt,
+                                       budget - len(decoding))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int,
                           prefill_budget: int) -> tuple[int, int]:

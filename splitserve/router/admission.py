@@ -174,29 +174,42 @@ class CostModel:
         """One step of `decodes` decodes (about `context` tokens each) plus a prompt chunk."""
         return self._chunk_s(chunk, 0, decodes, context)
 
+    def step_s(self, decodes: int, decode_ctx: int, chunk: int = 0, chunk_start: int = 0) -> float:
+        """One step of `decodes` decodes (about `decode_ctx` tokens of KV each) plus, when
+        `chunk` > 0, `chunk` prompt tokens from position `chunk_start`: with and without the
+        chunk priced alike (context buckets), so their difference is the chunk's own cost."""
+        if chunk <= 0:
+            key = (0, 0, decodes, decode_ctx // CTX_BUCKET)
+            t = self._chunk.get(key)
+            if t is None:
+                t = self._chunk[key] = self.latency.step_time(Batch(
+                    decode_context=((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes))
+            return t
+        return self._chunk_s(chunk, chunk_start, decodes, decode_ctx)
+
     def chunk_table(self, tpot_s: float, max_decodes: int, context: int,
                     max_chunk: int | None = None) -> tuple[int, ...]:
         """For 0, 1, 2, ... decodes: the most prompt tokens a step may add and still take at
-        most `tpot_s` (0: not one), as SchedulerConfig.prefill_chunk_while_decoding takes it.
-        With nothing decoding, what one decode would allow: a hand-over that lands during
-        the step waits for it. The trailing repeats of the last entry are dropped."""
+        most `tpot_s` (0: not one), as SchedulerConfig.prefill_chunk_while_decoding takes it;
+        with nothing decoding, the whole budget (`max_chunk`, else chunk_tokens). The
+        trailing repeats of the last entry are dropped."""
         top = max_chunk or self.chunk_tokens
         out = []
         for b in range(1, max_decodes + 1):
-            out.append(_largest(top, lambda c, b=b: self.busy_step_s(b, c, context) <= tpot_s))
+            out.append(largest(top, lambda c, b=b: self.busy_step_s(b, c, context) <= tpot_s))
             if out[-1] == 0:
                 break
-        out.insert(0, out[0])
+        out.insert(0, top)
         while len(out) > 1 and out[-1] == out[-2]:
             out.pop()
         return tuple(out)
 
     def max_batch(self, tpot_s: float, context: int, limit: int = 4096) -> int:
         """The largest decode batch whose step meets `tpot_s` (0: not even one request)."""
-        return _largest(limit, lambda b: self.decode_step_s(b, context) <= tpot_s)
+        return largest(limit, lambda b: self.decode_step_s(b, context) <= tpot_s)
 
 
-def _largest(hi: int, fits) -> int:
+def largest(hi: int, fits) -> int:
     """The largest n in [0, hi] with fits(n), by bisection: fits must hold up to some n and
     not above it (step times never fall as a batch or a chunk grows: latency models are
     monotone). fits(0) is taken as true."""

@@ -5,8 +5,12 @@ attributes, so a route costs no object per worker)."""
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
+
+from splitserve.router.admission import largest
 
 
 class WorkerLoad(NamedTuple):  # the shape; the router passes its own views
@@ -77,28 +81,37 @@ SLO_CHUNK_CONTEXT = 512
 class SloLocalPrefill:
     """Conditional disaggregation by the TPOT SLO (serve --local-prefill slo): a decode worker
     prefills a request itself when, by the cost model (admission.CostModel), its first token
-    comes sooner there than behind the prefill worker's queue, and only in chunks its decodes
-    can take within the SLO: `chunks[b]` prompt tokens beside b decodes (CostModel.chunk_table;
-    the decode workers' schedulers cap their steps with worker_chunks(), the same table with
-    at least 1 token, so that a prefill under way still ends when hand-overs keep arriving).
-    A worker whose decodes leave fewer than MIN_CHUNK tokens of room takes no new prefill.
-    Idle, it prefills in the chunks one decode would allow: a hand-over that lands there waits
-    for the step under way."""
+    comes sooner there than behind the prefill worker's queue. The decode workers size their
+    chunks by their decodes' slack (worker_policy(): SlackChunks); the router predicts them
+    with `chunks[b]`, the prompt tokens a step beside b decodes may add within the SLO
+    (CostModel.chunk_table: the rate slack accrues at once a request's own is spent; with
+    nothing decoding, the whole step budget). A worker whose decodes leave fewer than
+    MIN_CHUNK tokens a step takes no new prefill. worker_chunks() is the same table with at
+    least 1 token, for a decode worker run without the policy (--local-prefill-chunk)."""
 
     MIN_CHUNK = 4
 
     @classmethod
-    def for_slo(cls, cost, tpot_s: float, max_decodes: int,
-                context: int = SLO_CHUNK_CONTEXT) -> SloLocalPrefill:
+    def for_slo(cls, cost, tpot_s: float, max_decodes: int, context: int = SLO_CHUNK_CONTEXT,
+                ttft_s: float | None = None) -> SloLocalPrefill:
         """The policy whose chunk table holds steps to `tpot_s` (CostModel.chunk_table)."""
-        return cls(cost, cost.chunk_table(tpot_s, max_decodes, context), context)
+        return cls(cost, cost.chunk_table(tpot_s, max_decodes, context), context, tpot_s, ttft_s)
 
-    def __init__(self, cost, chunks: Sequence[int], context: int = SLO_CHUNK_CONTEXT):
+    def __init__(self, cost, chunks: Sequence[int], context: int = SLO_CHUNK_CONTEXT,
+                 tpot_s: float | None = None, ttft_s: float | None = None):
         if not chunks:
             raise ValueError("the chunk table needs an entry per number of decodes")
         self.cost = cost
         self.chunks = tuple(chunks)
         self.context = context  # the decodes' KV length the step times are priced at
+        self.tpot_s = tpot_s
+        self.ttft_s = ttft_s  # given: a request the prefill worker serves within it goes there
+
+    def worker_policy(self):
+        """() -> a fresh SlackChunks for a decode worker's scheduler (needs the TPOT SLO)."""
+        if self.tpot_s is None:
+            raise ValueError("the decode workers' chunk policy needs the TPOT SLO")
+        return lambda: SlackChunks(self.cost, self.tpot_s)
 
     def worker_chunks(self) -> tuple[int, ...]:
         """The table for SchedulerConfig.prefill_chunk_while_decoding (no 0: see above)."""
@@ -118,9 +131,115 @@ class SloLocalPrefill:
     def pick(self, prompt_tokens: int, prefill_queued_tokens: int,
              decodes: Sequence[DecodeLoad]) -> str | None:
         remote = self.cost.prefill_s(prefill_queued_tokens, prompt_tokens)
+        if self.ttft_s is not None and remote <= self.ttft_s:
+            return None  # the prefill worker meets the TTFT SLO: no decode is slowed for it
         best, best_s = None, remote
         for d in sorted(decodes, key=lambda d: (d.decoding, d.worker_id)):
             t = self.local_s(d, prompt_tokens)
             if t is not None and t < best_s:
                 best, best_s = d.worker_id, t
         return best
+
+
+class SlackChunks:
+    """A decode worker's own prefill, sized each step by the TPOT slack of the requests it
+    decodes (serve --local-prefill slo; the decode workers' schedulers call `cap`).
+
+    A request's TPOT is an average, (last token's time - first's) / (tokens - 1), so what one
+    step may spend on a prompt chunk is not "SLO - a decode step" but what the request can
+    still lose and end within the SLO: with `o` of its `max_tokens` out, `e` seconds since its
+    first token and each remaining step costing `s` (the batch as it is),
+
+        slack = SLO x (max_tokens - 1) - e - (max_tokens - o) x s
+
+    the time it banked on steps faster than the SLO plus what its remaining steps will bank.
+    A step's chunk may cost (over the decode step alone) the smallest slack of the batch, and
+    of every reserved request too (its KV on the way: it may land during this step and wait
+    for it). The elapsed `e` is measured (time passed in), so a step that took longer than its
+    prediction is paid for by the chunks after it. A request already past saving (slack < 0)
+    still has its steps held to the SLO (a chunk may add SLO - s). A request not reserved yet
+    may land during a long step as well (a short prompt prefills fast): every step is also
+    held to the slack of a request as short as the shortest of the last RECENT to decode
+    here (none yet, nothing decoding or reserved: the whole step budget). Requests that
+    stop early at EOS have fewer steps to absorb what was spent (the slack counts all of
+    max_tokens); `headroom` (< 1) plans to that share of the SLO to leave room for the latency
+    model's error.
+
+    `cost`: an admission.CostModel (its step_s). Requests are read by attribute
+    (request.Request: request_id, params.max_tokens, output_token_ids, num_tokens,
+    num_computed_tokens); each decoding request's start is the `now` of the first step that
+    saw it decoding, charged the previous step's chunk cost when its KV came from elsewhere
+    (it may have waited for that step)."""
+
+    RECENT = 16
+
+    def __init__(self, cost, tpot_s: float, headroom: float = 0.95):
+        if not (tpot_s > 0 and math.isfinite(tpot_s)):
+            raise ValueError(f"the TPOT SLO must be a positive number of seconds, got {tpot_s!r}")
+        if not 0 < headroom <= 1:
+            raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
+        self.cost = cost
+        self.target_s = tpot_s * headroom
+        self._start: dict[str, tuple[float, float]] = {}  # request id -> (start, charge)
+        self._local: set[str] = set()  # prefilled here: no wait before the first decode
+        self._last_extra = 0.0
+        self._recent: deque[int] = deque(maxlen=self.RECENT)  # max_tokens of the last arrivals
+        self.last_slack: float | None = None  # the smallest slack the last cap() saw
+
+    def cap(self, now: float, decoding: Sequence, reserved: Sequence, prompt, budget: int) -> int:
+        """Prompt tokens this step may add (0..budget) beside `decoding` (requests past their
+        first token here) with `reserved` on the way; `prompt`: the request whose chunk would
+        run (None: no prompt to run; the starts are still tracked)."""
+        starts, target, step_s = self._start, self.target_s, self.cost.step_s
+        seen = {}
+        b = len(decoding)
+        lives = []  # (steps it has left, its slack before them) of each decoding / reserved one
+        tokens = 0
+        for r in decoding:
+            rid = r.request_id
+            m = r.params.max_tokens
+            st = starts.get(rid)
+            if st is None:
+                st = (now, 0.0 if rid in self._local else self._last_extra)
+                self._recent.append(m)
+            seen[rid] = st
+            tokens += r.num_tokens
+            if m > 1:
+                lives.append((m - len(r.output_token_ids), target * (m - 1) - (now - st[0] + st[1])))
+        self._start = seen
+        for r in reserved:  # taken to land now: the batch their decodes join
+            tokens += r.num_tokens
+            if r.params.max_tokens > 1:
+                lives.append((r.params.max_tokens - 1, target * (r.params.max_tokens - 1)))
+        n = b + len(reserved)
+        ctx = tokens // n if n else 0
+        s = step_s(b, ctx) if b else 0.0  # idle: a landing request waits for the whole step
+        floor = max(0.0, target - s)  # what a request past saving lets a step add
+        slack = math.inf
+        # each one's steps to come, priced at the batch still decoding then
+        lives.sort()
+        done, t = 0, 0.0
+        for left_steps, banked in lives:
+            if left_steps > done:
+                t += (left_steps - done) * step_s(n, ctx)
+                done = left_steps
+            n -= 1
+            left = banked - t
+            slack = min(slack, left if left >= 0 else floor)
+        # one not reserved yet may land during the step: as short as the shortest recent one
+        if self._recent and (m := min(self._recent)) > 1:
+            left = (m - 1) * (target - step_s(b + len(reserved) + 1, ctx))
+            if 0 <= left < slack:
+                slack = left
+        self._local = {prompt.request_id} if prompt is not None else set()
+        self.last_slack = slack if math.isfinite(slack) else None
+        if prompt is None or budget <= 0:
+            self._last_extra = 0.0
+            return 0
+        at = prompt.num_computed_tokens
+        if not math.isfinite(slack):
+            c = budget
+        else:
+            c = largest(budget, lambda c: self.cost.step_s(b, ctx, c, at) - s <= slack)
+        self._last_extra = self.cost.step_s(b, ctx, c, at) - s if c else 0.0
+        return c

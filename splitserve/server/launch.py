@@ -91,6 +91,8 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
         cmd += ["--max-model-len", str(a.max_model_len)]
     if a.num_blocks:
         cmd += ["--num-blocks", str(a.num_blocks)]
+    if role == "decode" and a.local_prefill == "slo":
+        cmd += ["--tpot-slo", repr(a.tpot_slo), "--latency-model", a.latency_model]
     return cmd
 
 
@@ -156,11 +158,11 @@ def local_prefill_policy(a):
         return None
     if a.local_prefill == "auto":
         return LocalPrefill()
-    policy = SloLocalPrefill.for_slo(cost_model(a), a.tpot_slo, a.max_num_seqs)
+    policy = SloLocalPrefill.for_slo(cost_model(a), a.tpot_slo, a.max_num_seqs, ttft_s=a.ttft_slo)
     a.local_prefill_chunk = policy.worker_chunks()
-    log.info("--local-prefill slo: prompt tokens per step beside 0, 1, 2, ... decodes: %s (the "
-             "decode workers' --local-prefill-chunk %s)", policy.chunks,
-             chunk_flag(a.local_prefill_chunk))
+    log.info("--local-prefill slo: the router prices a local prefill at %s prompt tokens per step "
+             "beside 0, 1, 2, ... decodes; the decode workers size theirs by their decodes' "
+             "slack (--tpot-slo %g)", policy.chunks, a.tpot_slo)
     return policy
 
 
@@ -366,6 +368,17 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
                                   chunked_prefill=not a.no_chunked_prefill, role=a.role,
                                   prefill_chunk_while_decoding=(a.local_prefill_chunk
                                                                 if a.role == "decode" else None)))
+    policy = None
+    if a.role == "decode" and (a.tpot_slo is not None or a.latency_model is not None):
+        if a.tpot_slo is None or a.latency_model is None:
+            raise SystemExit("a decode worker sizes its own prefills by the TPOT slack with both "
+                             "--tpot-slo and --latency-model (serve --local-prefill slo passes them)")
+        from splitserve.router.policies import SlackChunks
+
+        try:
+            policy = SlackChunks(cost_model(a), a.tpot_slo)
+        except ValueError as e:
+            raise SystemExit(f"--tpot-slo: {e}") from None
     cfg = WorkerConfig(a.role, router, ec, a.worker_id or "", a.kv_transport, a.kv_timeout,
-                       a.kv_queue_timeout, a.data_host, cores, a.parent_pid)
+                       a.kv_queue_timeout, a.data_host, cores, a.parent_pid, prefill_policy=policy)
     return run_worker(cfg)

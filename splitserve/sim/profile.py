@@ -143,8 +143,8 @@ class Profiler:
         sched = engine.scheduler
         orig = sched.schedule
 
-        def record():
-            self._last = orig()
+        def record(now=None):
+            self._last = orig(now)
             return self._last
 
         sched.schedule = record

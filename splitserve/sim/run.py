@@ -72,8 +72,10 @@ class SimSettings:
                    a.hop_latency_ms, a.data_hop_latency_ms, a.host_cpu_ms_per_token)
 
 
-def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> list[WorkerSpec]:
-    """One WorkerSpec per worker of `dep`, with the engine settings serve gives it."""
+def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
+                  prefill_policy=None) -> list[WorkerSpec]:
+    """One WorkerSpec per worker of `dep`, with the engine settings serve gives it;
+    `prefill_policy` (a factory) sizes the decode workers' own prefill chunks."""
     if s.block_size & (s.block_size - 1):
         raise SimError(f"--block-size must be a power of two (as the engine's), got {s.block_size}")
     gpu_model = latency.gpu is not None and hasattr(latency, "kv_capacity_tokens")
@@ -98,7 +100,8 @@ def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) ->
             max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
             chunked_prefill=dep.chunked_prefill, role=role,
             prefill_chunk_while_decoding=s.local_prefill_chunk if role == "decode" else None)
-        workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len))
+        workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len,
+                                  prefill_policy=prefill_policy if role == "decode" else None))
     return workers
 
 
@@ -147,7 +150,8 @@ class Simulator:
             s = replace(s, local_prefill_chunk=local_prefill.worker_chunks())
             if not dep.local_prefill:
                 raise SimError(f"deployment {dep.name!r} has local prefill off")
-        self.workers = build_workers(dep, latency, s)
+        self.workers = build_workers(dep, latency, s, local_prefill.worker_policy()
+                                     if local_prefill is not None and local_prefill.tpot_s else None)
         host_cpu = s.host_cpu_ms_per_token
         if host_cpu is None:
             host_cpu = 0.0 if latency.gpu is not None else CPU_HOST_MS_PER_TOKEN
@@ -261,7 +265,8 @@ def main(a) -> int:
         from splitserve.router.policies import SloLocalPrefill
 
         cost = CostModel(latency, dep.max_num_batched_tokens, a.local_prefill_chunk)
-        local = SloLocalPrefill.for_slo(cost, E.slos(a)[1], a.max_num_seqs)
+        ttft, tpot = E.slos(a)
+        local = SloLocalPrefill.for_slo(cost, tpot, a.max_num_seqs, ttft_s=ttft)
     sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
                     admission=admission_factory(a, dep, latency,
                                                 local.worker_chunks() if local else None),

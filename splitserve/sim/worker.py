@@ -14,6 +14,7 @@ is scheduled at once when the worker is idle:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitserve.config import SchedulerConfig
@@ -39,6 +40,8 @@ class WorkerSpec:
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_model_len: int = 8192
+    # () -> a fresh policy for the scheduler's own-prefill chunks (policies.SlackChunks), or None
+    prefill_policy: Callable[[], object] | None = None
 
 
 # -- the messages a simulated worker receives (the real ones are in disagg/messages.py) ------
@@ -118,7 +121,8 @@ class SimWorker:
         enable_caching = spec.enable_prefix_caching and spec.role != "decode"  # as the real worker
         self.core = EngineCore(spec.scheduler, spec.num_blocks, spec.block_size,
                                root_hash("sim", spec.block_size), spec.max_model_len,
-                               enable_prefix_caching=enable_caching)
+                               enable_prefix_caching=enable_caching,
+                               prefill_policy=spec.prefill_policy() if spec.prefill_policy else None)
         self.inbox: list = []
         self.stepping = False
         self.counters = WorkerCounters()
@@ -243,8 +247,8 @@ class SimWorker:
         return {c.request.request_id: SIM_TOKEN for c in sched_out.chunks if c.sample}
 
     def _start_step(self) -> None:
-        sched_out, stepped = self.core.step(self._forward)
         now = self.sim.loop.now
+        sched_out, stepped = self.core.step(self._forward, now)
         if sched_out.is_empty:
             # nothing can run (e.g. the pool is full of waiting prompts): the real worker spins
             # on empty steps until a message changes that; here it waits for one (or a deadline)
