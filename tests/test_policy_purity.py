@@ -51,6 +51,16 @@ SCRIPT = textwrap.dedent("""
                                                  hop_s=1e-4, api_s=1e-3)).run(specs, prompts)
         assert all(r.ok for r in res.records), [r.error for r in res.records if not r.ok][:3]
     kinds = {r[1] for r in res.routes}
+    # SLO-aware local prefill: the router's SloLocalPrefill, the decode workers' SlackChunks
+    from splitserve.router.admission import CostModel
+    from splitserve.router.policies import SloLocalPrefill
+    local = SloLocalPrefill.for_slo(CostModel(lat, 400), 0.05, 64, ttft_s=0.3)
+    slo_pd = [WorkerSpec("prefill", SchedulerConfig(role="prefill"), 400)] + [
+        WorkerSpec("decode", SchedulerConfig(role="decode", prefill_chunk_while_decoding=8), 400,
+                   prefill_policy=local.worker_policy()) for _ in range(2)]
+    res = Simulation(slo_pd, lat, SimConfig(KVLink(819200, 25e9, "overlapped", 40)),
+                     local_prefill=local).run(W.at_rate(specs, 40.0, seed=3), prompts)
+    assert all(r.ok for r in res.records) and any(r[1] == "local" for r in res.routes)
     # admission control decides inside the router's route, in the simulator too
     from splitserve.router.admission import SLO, Admission, CostModel
     adm = Admission("predictive", CostModel(lat, 400), SLO(0.5, 0.05), max_queue=8)

@@ -34,48 +34,62 @@ def r(rid, max_tokens, out=1, prompt=20, computed=None):
 PROMPT = r("p", 16, out=0, prompt=400, computed=0)  # the local prefill whose chunk is sized
 
 
-def test_idle_with_nothing_on_the_way_takes_the_whole_budget():
+def test_idle_takes_the_whole_budget_unless_a_hand_over_is_on_its_way():
     assert policy().cap(0.0, [], [], PROMPT, 300) == 300
     assert policy().cap(0.0, [], [], None, 300) == 0  # no prompt: nothing to size
+    # one of 3 tokens reserved here may land during the step and wait for it (its first token
+    # comes at its admission): the step is held to the slack it will have, 2 x (40 - 15) =
+    # 50 ms, a whole idle step: 10 ms + 40 tokens
+    assert policy().cap(0.0, [], [r("x", 3)], PROMPT, 300) == 40
+    assert policy().cap(0.0, [], [r("x", 1)], PROMPT, 300) == 300  # no TPOT to keep
 
 
 def test_a_decodes_slack_is_what_it_banked_and_will_bank_and_time_spent_is_measured():
     p = policy()
     a = r("a", 11)
-    # at 0 (just landed, 1 of 11 out): 40 ms x 10 - 10 steps x 15 ms = 250 ms; but one not
-    # reserved yet, as short as a, could land too: 10 x (40 - 20 ms) = 200 ms binds
-    assert p.cap(0.0, [a], [], PROMPT, 499) == 200
-    assert p._last_extra == pytest.approx(0.200)
+    # at 0 (just admitted, 1 of 11 out): 40 ms x 10 - 10 steps x 15 ms = 250 ms: a chunk of
+    # 250 tokens (1 ms each) beside its decode
+    assert p.cap(0.0, [a], [], PROMPT, 499) == 250
     # 0.2 s later only 5 more tokens (steps took longer than predicted): 400 - 200 - 5 x 15
-    # = 125 ms of its own left. (`a` is not charged for the chunk above: its start stays 0.)
+    # = 125 ms left
     a6 = r("a", 11, out=6)
     assert p.cap(0.2, [a6], [], PROMPT, 499) == 125
-    # at 0.4 s it can no longer meet 40 ms; its steps are still held to the SLO: 40 - 15
+    # at 0.4 s it can no longer meet 40 ms (400 - 400 - 75 < 0): its steps are held to the
+    # SLO, 25 ms over its decode
     assert p.cap(0.4, [a6], [], PROMPT, 499) == 25
+    # planned to 90 % of the SLO (36 ms) it is out of slack by 0.3 s, but not lost: no chunk
+    q = SlackChunks(CostModel(Linear(), chunk_tokens=512), 0.040, headroom=0.9)
+    q.cap(0.0, [a], [], None, 499)
+    assert q.cap(0.3, [a6], [], PROMPT, 499) == 0  # 360 - 300 - 75 < 0 <= 400 - 300 - 75
 
 
-def test_a_reserved_request_bounds_the_step_it_may_land_in():
-    # nothing decoding; one of 3 tokens on its way: 2 x 40 - 2 x 15 = 50 ms, a whole idle step
+def test_requests_on_their_way_join_the_batch_its_steps_are_priced_at():
+    # a (11 tokens) decoding, x (30) reserved and taken to land now: a's 10 steps at 20 ms,
+    # 400 - 200 = 200 ms (alone it had 250; x's own, 29 x (40 - 20) = 580 ms, does not bind)
+    a = r("a", 11)
+    assert policy().cap(0.0, [a], [r("x", 30)], PROMPT, 499) == 200
+    assert policy().cap(0.0, [a], [], PROMPT, 499) == 250
+    # 0.22 s on with no new token: with x landing now a could not make 40 ms (400 - 220 - 200
+    # < 0), but x may land later: a is not lost (400 - 220 - 150 >= 0), so no chunk, not the
+    # 25 ms a lost one's steps may take
     p = policy()
-    assert p.cap(0.0, [], [r("x", 3)], PROMPT, 512) == 40  # 10 ms + 40 tokens
-    # it lands (charged the 50 ms that step took: it may have waited for all of it): its
-    # slack is 80 - 50 - 2 x 15 = 0: no chunk until it is done
-    assert p.cap(0.05, [r("x", 3)], [], PROMPT, 511) == 0
-    # one prefilled here is not charged: its first token came at the end of its own step
-    q = policy()
-    assert q.cap(0.0, [], [], r("own", 3, out=0, computed=0), 512) == 512
-    # its own 80 - 2 x 15 = 50 ms, and one as short not reserved yet 2 x (40 - 20) = 40 ms:
-    # 40 tokens beside its decode (charged the 522 ms step before, it would be past saving: 25)
-    assert q.cap(0.0, [r("own", 3)], [], PROMPT, 511) == 40
+    p.cap(0.0, [a], [], None, 499)
+    assert p.cap(0.22, [a], [r("x", 30)], PROMPT, 499) == 0
+    assert p.cap(0.22, [a], [], PROMPT, 499) == 30
 
 
 def test_the_steps_to_come_are_priced_at_the_batch_still_decoding_then():
-    # two on the way, of 3 and 21 tokens: 2 steps of both (20 ms), then 18 of one (15 ms):
-    # the short one's slack 80 - 40 = 40 ms, the long one's 800 - 310 = 490 ms
+    """b (21 tokens, its clock started 0.46 s ago, 1 out) and a (3 tokens, just admitted):
+    2 steps of both at 20 ms, then 18 of b alone at 15 ms: a's slack 80 - 40 = 40 ms, b's
+    800 - 460 - 310 = 30 ms, so 30 tokens. (Priced at today's batch for all of b's 20 steps,
+    b would be lost: 800 - 460 - 400 < 0, and the step held to 20 ms over its decode.)"""
     p = policy()
-    assert p.cap(0.0, [], [r("a", 3), r("b", 21)], PROMPT, 512) == 30
-    # priced as if alone (15 ms steps) the short one would have had 50 ms: 40 tokens
-    assert policy().cap(0.0, [], [r("a", 3)], PROMPT, 512) == 40
+    b = r("b", 21)
+    p.cap(0.0, [b], [], None, 500)  # b's clock starts
+    assert p.cap(0.46, [b, r("a", 3)], [], PROMPT, 500) == 30
+    # the state is the batch's: nothing decoding, nothing kept
+    p.cap(1.0, [], [], None, 500)
+    assert p._start == {}
 
 
 def test_bad_settings_are_refused_by_name():
@@ -92,7 +106,7 @@ def test_the_scheduler_asks_the_policy_only_when_given_the_time():
     from splitserve.engine.scheduler import Scheduler
     from splitserve.kv.hashing import root_hash
     from splitserve.kv.manager import KVCacheManager
-    from splitserve.request import Request, SamplingParams
+    from splitserve.request import Request, RequestStatus, SamplingParams
 
     calls = []
 
@@ -120,6 +134,54 @@ def test_the_scheduler_asks_the_policy_only_when_given_the_time():
     out = s.schedule()  # no time: the config's table (beside 1 decode: 2)
     assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("d", 1), ("own", 2)]
     assert len(calls) == 1
+    s.update_from_output(out, {"d": 7})
+    # the policy priced one prompt's chunk: a second prompt does not take what is left
+    Fixed.cap = lambda self, now, decoding, reserved, prompt, budget: 15
+    s.finish_request("own", RequestStatus.FINISHED_ABORTED)
+    s.add_request(req("short", 3))
+    s.add_request(req("next", 30))
+    out = s.schedule(2.0)
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("d", 1), ("short", 3)]
+
+
+def test_a_preempted_request_recomputing_past_its_prompt_is_the_prompt_the_policy_sizes():
+    """Recomputed after preemption, a request past its prompt but with many tokens left is
+    neither decoding nor in prefill: the policy must size its chunks, or it never runs."""
+    from splitserve.config import SchedulerConfig
+    from splitserve.engine.scheduler import Scheduler
+    from splitserve.kv.hashing import root_hash
+    from splitserve.kv.manager import KVCacheManager
+    from splitserve.request import Request, SamplingParams
+
+    class Three:
+        def cap(self, now, decoding, reserved, prompt, budget):
+            return min(3, budget) if prompt is not None else 0
+
+    kv = KVCacheManager(64, 4, root_hash("m", 4), enable_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=16), kv, 256, prefill_policy=Three())
+    x = Request("x", [100, 101, 102, 103], SamplingParams(max_tokens=20))
+    s.add_request(x)
+    for t in range(8):  # prefilled in 3 + 1, then decodes
+        s.update_from_output(out := s.schedule(float(t)), {c.request.request_id: 7
+                                                           for c in out.chunks if c.sample})
+    assert len(x.output_token_ids) == 7
+    s._preempt(x)  # 11 tokens to recompute, 3 a step
+    before = len(x.output_token_ids)
+    for t in range(8, 16):
+        out = s.schedule(float(t))
+        assert out.chunks, f"step {t}: nothing scheduled ({x.num_computed_tokens}/{x.num_tokens})"
+        s.update_from_output(out, {c.request.request_id: 7 for c in out.chunks if c.sample})
+    assert len(x.output_token_ids) > before
+
+
+def test_the_cost_models_memo_stays_bounded():
+    from splitserve.router import admission
+
+    c = CostModel(Linear(), chunk_tokens=512)
+    for i in range(admission.MEMO_MAX + 10):
+        c.step_s(1 + i % 64, 64 * (i // 64), 1 + i % 500, 0)
+    assert len(c._chunk) <= admission.MEMO_MAX
+
 
 
 class CpuLike(LatencyModel):

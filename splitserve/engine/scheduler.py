@@ -159,16 +159,19 @@ class Scheduler:
         if self.config.chunked_prefill:
             cfg = self.config
             cap = None
-            if self.prefill_policy is not None and now is not None:
+            one = self.prefill_policy is not None and now is not None
+            if one:  # the policy prices one prompt chunk: no second one in the step
                 cap = self._policy_cap(now, budget)
             elif cfg.prefill_chunk_while_decoding is not None:
                 decoding = sum(1 for r in self.running
                                if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill)
                 cap = cfg.prefill_cap(decoding)
             prefill_budget = budget if cap is None else cap
-            budget, prefill_budget = self._schedule_running(out, budget, prefill_budget)
+            # (one: a prompt chunk among the running leaves no prefill budget for the waiting)
+            budget, prefill_budget = self._schedule_running(out, budget, prefill_budget, one)
             if not out.preempted:
-                self._schedule_waiting(out, min(budget, prefill_budget), chunked=True)
+                self._schedule_waiting(out, min(budget, prefill_budget), chunked=True,
+                                       most=1 if one else None)
         else:
             self._schedule_waiting(out, budget, chunked=False)
             if out.is_empty:
@@ -178,11 +181,10 @@ class Scheduler:
     def _policy_cap(self, now: float, budget: int) -> int:
         decoding, prompt = [], None
         for r in self.running:
-            if r.in_prefill:
-                if prompt is None:
-                    prompt = r
-            elif r.num_tokens - r.num_computed_tokens == 1:
+            if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill:
                 decoding.append(r)
+            elif prompt is None:  # a prompt under way, or a preempted request recomputing
+                prompt = r
         if prompt is None and self.waiting:
             prompt = self.waiting[0]
         reserved = [r for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV]
@@ -190,9 +192,10 @@ class Scheduler:
                                        budget - len(decoding))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int,
-                          prefill_budget: int) -> tuple[int, int]:
+                          prefill_budget: int, one: bool = False) -> tuple[int, int]:
         """Running requests in order, each its next token or prompt chunk, within `budget`,
-        prompt chunks also within `prefill_budget`; returns both budgets left."""
+        prompt chunks also within `prefill_budget` (`one`: one prompt chunk at most); returns
+        both budgets left."""
         pb = prefill_budget
         i = 0
         while i < len(self.running) and budget > 0:
@@ -213,15 +216,18 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, num_new))
             budget -= num_new
             if left > 1:
-                pb -= num_new
+                pb = 0 if one else pb - num_new
             i += 1
         return budget, pb
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool) -> int:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, chunked: bool,
+                          most: int | None = None) -> int:
         # a decode worker's reservations hold sequence slots too (reserve() counts them)
         held = (sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING_FOR_KV)
                 if self.config.role == "decode" else 0)
-        while self.waiting and budget > 0 and len(self.running) + held < self.config.max_num_seqs:
+        taken = 0
+        while (self.waiting and budget > 0 and len(self.running) + held < self.config.max_num_seqs
+               and (most is None or taken < most)):
             req = self.waiting[0]
             if self._outgrows_pool(req, req.num_tokens, out):
                 continue
@@ -239,6 +245,7 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_hit, num_new))
             budget -= num_new
+            taken += 1
         return budget
 
     def _outgrows_pool(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:

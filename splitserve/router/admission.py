@@ -127,16 +127,18 @@ class CostModel:
         t = self._decode.get(key)
         if t is None:
             ctx = bucket * CTX_BUCKET + CTX_BUCKET // 2
-            t = self._decode[key] = self.latency.step_time(Batch(decode_context=(ctx,) * batch))
+            t = self.latency.step_time(Batch(decode_context=(ctx,) * batch))
+            _keep(self._decode, key, t)
         return t
 
     def _chunk_s(self, tokens: int, context: int, decodes: int, decode_ctx: int) -> float:
         key = (tokens, context // CTX_BUCKET, decodes, decode_ctx // CTX_BUCKET)
         t = self._chunk.get(key)
         if t is None:
-            t = self._chunk[key] = self.latency.step_time(Batch(
+            t = self.latency.step_time(Batch(
                 (tokens,), ((context // CTX_BUCKET) * CTX_BUCKET,),
                 (((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes)))
+            _keep(self._chunk, key, t)
         return t
 
     def busy_chunk(self, decodes: int) -> int:
@@ -182,8 +184,9 @@ class CostModel:
             key = (0, 0, decodes, decode_ctx // CTX_BUCKET)
             t = self._chunk.get(key)
             if t is None:
-                t = self._chunk[key] = self.latency.step_time(Batch(
+                t = self.latency.step_time(Batch(
                     decode_context=((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes))
+                _keep(self._chunk, key, t)
             return t
         return self._chunk_s(chunk, chunk_start, decodes, decode_ctx)
 
@@ -207,6 +210,17 @@ class CostModel:
     def max_batch(self, tpot_s: float, context: int, limit: int = 4096) -> int:
         """The largest decode batch whose step meets `tpot_s` (0: not even one request)."""
         return largest(limit, lambda b: self.decode_step_s(b, context) <= tpot_s)
+
+
+MEMO_MAX = 1 << 16  # step times memoised per CostModel table; past it the table starts over
+
+
+def _keep(memo: dict, key, value: float) -> None:
+    """Memoise a step time, the table bounded: a long-lived router or decode worker asks about
+    ever new shapes (chunk sizes by position, batches by context)."""
+    if len(memo) >= MEMO_MAX:
+        memo.clear()
+    memo[key] = value
 
 
 def largest(hi: int, fits) -> int:

@@ -6,7 +6,6 @@ attributes, so a route costs no object per worker)."""
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -133,7 +132,8 @@ class SloLocalPrefill:
         remote = self.cost.prefill_s(prefill_queued_tokens, prompt_tokens)
         if self.ttft_s is not None and remote <= self.ttft_s:
             return None  # the prefill worker meets the TTFT SLO: no decode is slowed for it
-        best, best_s = None, remote
+        # a local prefill that would miss the TTFT SLO anyway only slows the decodes there
+        best, best_s = None, remote if self.ttft_s is None else min(remote, self.ttft_s)
         for d in sorted(decodes, key=lambda d: (d.decoding, d.worker_id)):
             t = self.local_s(d, prompt_tokens)
             if t is not None and t < best_s:
@@ -146,32 +146,31 @@ class SlackChunks:
     decodes (serve --local-prefill slo; the decode workers' schedulers call `cap`).
 
     A request's TPOT is an average, (last token's time - first's) / (tokens - 1), so what one
-    step may spend on a prompt chunk is not "SLO - a decode step" but what the request can
-    still lose and end within the SLO: with `o` of its `max_tokens` out, `e` seconds since its
-    first token and each remaining step costing `s` (the batch as it is),
+    step may spend on a prompt chunk is not "SLO - a decode step" but what the requests
+    decoding there can still lose and end within the SLO. A hand-over's first token reaches
+    the client when the decode worker admits it, between steps, so its TPOT clock starts
+    there. With `o` of its `max_tokens` out and `e` seconds since then (`o0` out then),
 
-        slack = SLO x (max_tokens - 1) - e - (max_tokens - o) x s
+        slack = SLO x (max_tokens - o0) - e - (the time its remaining max_tokens - o steps take)
 
-    the time it banked on steps faster than the SLO plus what its remaining steps will bank.
-    A step's chunk may cost (over the decode step alone) the smallest slack of the batch, and
-    of every reserved request too (its KV on the way: it may land during this step and wait
-    for it). The elapsed `e` is measured (time passed in), so a step that took longer than its
-    prediction is paid for by the chunks after it. A request already past saving (slack < 0)
-    still has its steps held to the SLO (a chunk may add SLO - s). A request not reserved yet
-    may land during a long step as well (a short prompt prefills fast): every step is also
-    held to the slack of a request as short as the shortest of the last RECENT to decode
-    here (none yet, nothing decoding or reserved: the whole step budget). Requests that
-    stop early at EOS have fewer steps to absorb what was spent (the slack counts all of
-    max_tokens); `headroom` (< 1) plans to that share of the SLO to leave room for the latency
-    model's error.
+    what it banked on steps faster than the SLO plus what its remaining steps will bank. The
+    remaining steps are priced at the batch still decoding at each of them: every request
+    decoding, and every one reserved here (its KV on the way: taken to land now, the most it
+    can cost), each until its own max_tokens. A step's chunk may cost, over the decode step
+    alone, the smallest slack of the batch, and, while a hand-over is on its way, the slack
+    that request will have (it waits for the step under way before its first token: its
+    TTFT, whose own count is not known here; measured on the simulator, holding the step to
+    it keeps more requests within both SLOs). `e` is measured (time passed in), so a step
+    slower than predicted is paid for by the chunks after it; `headroom` (< 1) plans to that
+    share of the SLO, room for the latency model's error. A request with no slack lends none;
+    one that cannot meet the SLO (at its full value) even with only the requests decoding now
+    has its steps held to the SLO. Nothing decoding or on its way: the whole step budget.
+    Requests that stop early at EOS have fewer steps to absorb what was spent (the slack
+    counts all of max_tokens).
 
     `cost`: an admission.CostModel (its step_s). Requests are read by attribute
     (request.Request: request_id, params.max_tokens, output_token_ids, num_tokens,
-    num_computed_tokens); each decoding request's start is the `now` of the first step that
-    saw it decoding, charged the previous step's chunk cost when its KV came from elsewhere
-    (it may have waited for that step)."""
-
-    RECENT = 16
+    num_computed_tokens); the state is one entry per request decoding now."""
 
     def __init__(self, cost, tpot_s: float, headroom: float = 0.95):
         if not (tpot_s > 0 and math.isfinite(tpot_s)):
@@ -179,11 +178,9 @@ class SlackChunks:
         if not 0 < headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
         self.cost = cost
+        self.tpot_s = tpot_s
         self.target_s = tpot_s * headroom
-        self._start: dict[str, tuple[float, float]] = {}  # request id -> (start, charge)
-        self._local: set[str] = set()  # prefilled here: no wait before the first decode
-        self._last_extra = 0.0
-        self._recent: deque[int] = deque(maxlen=self.RECENT)  # max_tokens of the last arrivals
+        self._start: dict[str, tuple[float, int]] = {}  # request id -> (start, tokens then)
         self.last_slack: float | None = None  # the smallest slack the last cap() saw
 
     def cap(self, now: float, decoding: Sequence, reserved: Sequence, prompt, budget: int) -> int:
@@ -192,54 +189,64 @@ class SlackChunks:
         run (None: no prompt to run; the starts are still tracked)."""
         starts, target, step_s = self._start, self.target_s, self.cost.step_s
         seen = {}
-        b = len(decoding)
-        lives = []  # (steps it has left, its slack before them) of each decoding / reserved one
+        lives = []  # (steps left, the SLO's time for its steps, e, tokens since its start)
         tokens = 0
         for r in decoding:
-            rid = r.request_id
-            m = r.params.max_tokens
-            st = starts.get(rid)
+            out = len(r.output_token_ids)
+            st = starts.get(r.request_id)
             if st is None:
-                st = (now, 0.0 if rid in self._local else self._last_extra)
-                self._recent.append(m)
-            seen[rid] = st
+                st = (now, out)
+            seen[r.request_id] = st
             tokens += r.num_tokens
-            if m > 1:
-                lives.append((m - len(r.output_token_ids), target * (m - 1) - (now - st[0] + st[1])))
+            m = r.params.max_tokens
+            if m > st[1]:
+                lives.append((m - out, m - st[1], now - st[0], out - st[1]))
         self._start = seen
-        for r in reserved:  # taken to land now: the batch their decodes join
+        b = len(decoding)
+        joining = []  # the steps each reserved request will decode here
+        for r in reserved:
             tokens += r.num_tokens
-            if r.params.max_tokens > 1:
-                lives.append((r.params.max_tokens - 1, target * (r.params.max_tokens - 1)))
-        n = b + len(reserved)
+            joining.append(r.params.max_tokens - 1)
+        n = b + len(joining)
         ctx = tokens // n if n else 0
-        s = step_s(b, ctx) if b else 0.0  # idle: a landing request waits for the whole step
-        floor = max(0.0, target - s)  # what a request past saving lets a step add
+        s = step_s(b, ctx) if b else 0.0
+        # the steps to come, each priced at the batch still decoding then: t_at[k], the time
+        # until the requests with k steps left are done, with those reserved (as if landing
+        # now: the most they can cost) and without them
+        mine = [life[0] for life in lives]
+        t_all, t_mine = _timeline(step_s, mine + joining, ctx), _timeline(step_s, mine, ctx)
+        floor = max(0.0, target - s)  # a request past saving: its steps held to the SLO
         slack = math.inf
-        # each one's steps to come, priced at the batch still decoding then
-        lives.sort()
-        done, t = 0, 0.0
-        for left_steps, banked in lives:
-            if left_steps > done:
-                t += (left_steps - done) * step_s(n, ctx)
-                done = left_steps
-            n -= 1
-            left = banked - t
-            slack = min(slack, left if left >= 0 else floor)
-        # one not reserved yet may land during the step: as short as the shortest recent one
-        if self._recent and (m := min(self._recent)) > 1:
-            left = (m - 1) * (target - step_s(b + len(reserved) + 1, ctx))
-            if 0 <= left < slack:
-                slack = left
-        self._local = {prompt.request_id} if prompt is not None else set()
+        for left, steps, e, _ in lives:
+            own = target * steps - e - t_all[left]
+            if own < 0:  # none to lend; lost even alone with those decoding now: the floor
+                own = floor if self.tpot_s * steps - e - t_mine[left] < 0 else 0.0
+            slack = min(slack, own)
+        # a hand-over on its way waits for the step under way before its first token (TTFT,
+        # not known here): the step is held to the slack it will have, when it has some
+        s_all = step_s(n, ctx) if joining else 0.0
+        for steps in joining:
+            own = steps * (target - s_all)
+            if steps > 0 and 0 <= own < slack:
+                slack = own
         self.last_slack = slack if math.isfinite(slack) else None
         if prompt is None or budget <= 0:
-            self._last_extra = 0.0
             return 0
-        at = prompt.num_computed_tokens
         if not math.isfinite(slack):
-            c = budget
-        else:
-            c = largest(budget, lambda c: self.cost.step_s(b, ctx, c, at) - s <= slack)
-        self._last_extra = self.cost.step_s(b, ctx, c, at) - s if c else 0.0
-        return c
+            return budget
+        at = prompt.num_computed_tokens
+        return largest(budget, lambda c: step_s(b, ctx, c, at) - s <= slack)
+
+
+def _timeline(step_s, ends: list[int], ctx: int) -> dict[int, float]:
+    """{k: seconds until the requests with k steps left are done}, for a batch of one request
+    per entry of `ends` (the steps each has left), each step priced at the batch still
+    decoding then."""
+    t_at, t, done, active = {}, 0.0, 0, len(ends)
+    for end in sorted(ends):
+        if end > done:
+            t += (end - done) * step_s(active, ctx)
+            done = end
+        t_at[end] = t
+        active -= 1
+    return t_at

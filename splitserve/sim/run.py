@@ -73,13 +73,31 @@ class SimSettings:
 
 
 def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
-                  prefill_policy=None) -> list[WorkerSpec]:
+                  prefill_policy=None, role_latency: dict | None = None) -> list[WorkerSpec]:
     """One WorkerSpec per worker of `dep`, with the engine settings serve gives it;
-    `prefill_policy` (a factory) sizes the decode workers' own prefill chunks."""
+    `prefill_policy` (a factory) sizes the decode workers' own prefill chunks; `role_latency`
+    (role -> LatencyModel) prices a role's steps differently (a prefill instance of tp2 beside
+    decode instances of tp1), its KV pool sized by that model too."""
     if s.block_size & (s.block_size - 1):
         raise SimError(f"--block-size must be a power of two (as the engine's), got {s.block_size}")
-    gpu_model = latency.gpu is not None and hasattr(latency, "kv_capacity_tokens")
-    if gpu_model:
+    workers = []
+    for role in dep.roles:
+        lat = (role_latency or {}).get(role, latency)
+        num_blocks, max_len = _pool(dep, lat, s)
+        cfg = SchedulerConfig(
+            max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
+            chunked_prefill=dep.chunked_prefill, role=role,
+            prefill_chunk_while_decoding=s.local_prefill_chunk if role == "decode" else None)
+        workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len,
+                                  prefill_policy=prefill_policy if role == "decode" else None,
+                                  latency=None if lat is latency else lat))
+    return workers
+
+
+def _pool(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> tuple[int, int]:
+    """A worker's KV blocks and longest sequence: what the GPU holds beside the weights, or
+    --kv-cache-gb of the model's KV."""
+    if latency.gpu is not None and hasattr(latency, "kv_capacity_tokens"):
         try:
             tokens = latency.kv_capacity_tokens()
         except ValueError as e:
@@ -94,15 +112,7 @@ def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
     if num_blocks < 1:
         raise SimError(f"deployment {dep.name!r}: a worker's KV pool holds no block of "
                        f"{s.block_size} tokens")
-    workers = []
-    for role in dep.roles:
-        cfg = SchedulerConfig(
-            max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
-            chunked_prefill=dep.chunked_prefill, role=role,
-            prefill_chunk_while_decoding=s.local_prefill_chunk if role == "decode" else None)
-        workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len,
-                                  prefill_policy=prefill_policy if role == "decode" else None))
-    return workers
+    return num_blocks, max_len
 
 
 def _shape(latency: LatencyModel, s: SimSettings):
@@ -139,10 +149,13 @@ class Simulator:
     """The run function bench/experiment.py calls: every call simulates one run afresh."""
 
     def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
-                 record: bool = False, quiet: bool = False, admission=None, local_prefill=None):
+                 record: bool = False, quiet: bool = False, admission=None, local_prefill=None,
+                 role_latency: dict | None = None):
         """`admission`: () -> a fresh router.admission.Admission for each run (the server's
         own policy), or None: accept every request. `local_prefill`: a policies.SloLocalPrefill
-        (its chunk table then caps the decode workers' steps), or None: the default."""
+        (its chunk table then caps the decode workers' steps), or None: the default.
+        `role_latency`: role -> the latency model of that role's workers (build_workers);
+        `latency` prices the rest and the KV hand-over's link (the prefill side's network)."""
         self.dep, self.latency, self.settings = dep, latency, s
         self.admission = admission
         self.local_prefill = local_prefill
@@ -151,7 +164,8 @@ class Simulator:
             if not dep.local_prefill:
                 raise SimError(f"deployment {dep.name!r} has local prefill off")
         self.workers = build_workers(dep, latency, s, local_prefill.worker_policy()
-                                     if local_prefill is not None and local_prefill.tpot_s else None)
+                                     if local_prefill is not None and local_prefill.tpot_s else None,
+                                     role_latency)
         host_cpu = s.host_cpu_ms_per_token
         if host_cpu is None:
             host_cpu = 0.0 if latency.gpu is not None else CPU_HOST_MS_PER_TOKEN

@@ -42,6 +42,7 @@ class WorkerSpec:
     max_model_len: int = 8192
     # () -> a fresh policy for the scheduler's own-prefill chunks (policies.SlackChunks), or None
     prefill_policy: Callable[[], object] | None = None
+    latency: LatencyModel | None = None  # its own step times (None: the deployment's)
 
 
 # -- the messages a simulated worker receives (the real ones are in disagg/messages.py) ------
@@ -117,7 +118,7 @@ class SimWorker:
         self.worker_id = worker_id
         self.role = spec.role
         self.spec = spec
-        self.latency = latency
+        self.latency = spec.latency or latency
         enable_caching = spec.enable_prefix_caching and spec.role != "decode"  # as the real worker
         self.core = EngineCore(spec.scheduler, spec.num_blocks, spec.block_size,
                                root_hash("sim", spec.block_size), spec.max_model_len,
