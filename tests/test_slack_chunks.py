@@ -20,8 +20,9 @@ class Linear(LatencyModel):
         return 0.010 + 0.001 * batch.num_prefill_tokens + 0.005 * batch.num_decodes
 
 
-def policy() -> SlackChunks:
-    return SlackChunks(CostModel(Linear(), chunk_tokens=512), 0.040, headroom=1.0)
+def policy(calibration: int = 0) -> SlackChunks:
+    return SlackChunks(CostModel(Linear(), chunk_tokens=512), 0.040, headroom=1.0,
+                       calibration=calibration)
 
 
 def r(rid, max_tokens, out=1, prompt=20, computed=None):
@@ -58,7 +59,7 @@ def test_a_decodes_slack_is_what_it_banked_and_will_bank_and_time_spent_is_measu
     # SLO, 25 ms over its decode
     assert p.cap(0.4, [a6], [], PROMPT, 499) == 25
     # planned to 90 % of the SLO (36 ms) it is out of slack by 0.3 s, but not lost: no chunk
-    q = SlackChunks(CostModel(Linear(), chunk_tokens=512), 0.040, headroom=0.9)
+    q = SlackChunks(CostModel(Linear(), chunk_tokens=512), 0.040, headroom=0.9, calibration=0)
     q.cap(0.0, [a], [], None, 499)
     assert q.cap(0.3, [a6], [], PROMPT, 499) == 0  # 360 - 300 - 75 < 0 <= 400 - 300 - 75
 
@@ -90,6 +91,24 @@ def test_the_steps_to_come_are_priced_at_the_batch_still_decoding_then():
     # the state is the batch's: nothing decoding, nothing kept
     p.cap(1.0, [], [], None, 500)
     assert p._start == {}
+
+
+def test_steps_slower_than_predicted_scale_every_prediction_after_them():
+    """Each step really takes twice what the model says (between two schedulings: the step
+    and the worker's own work): the scale, averaged over ~8 steps, goes to 2, and a decode's
+    slack and the chunks it buys are priced at that."""
+    p = policy(calibration=8)
+    now = 0.0
+    for i in range(60):  # a (71 tokens) decodes alone, no prompt: 15 ms predicted, 30 taken
+        p.cap(now, [r("a", 71, out=1 + i)], [], None, 500)
+        now += 0.030
+    assert p.scale == pytest.approx(2.0, rel=1e-3)
+    # 61 out at 1.8 s: 40 x 70 - 1800 - 10 steps x 30 ms = 700 ms, at 2 ms a prompt token:
+    # 350 tokens (priced at the model's 15 ms steps and 1 ms tokens: the whole budget, 500)
+    assert p.cap(now, [r("a", 71, out=61)], [], PROMPT, 500) == 350
+    # an idle gap (a step sized, then nothing for 100 s) leaves the scale alone
+    p.cap(now + 100.0, [], [], None, 500)
+    assert p.scale == pytest.approx(2.0, rel=1e-3)
 
 
 def test_bad_settings_are_refused_by_name():

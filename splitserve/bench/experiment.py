@@ -315,6 +315,7 @@ def run_experiment(a, run_fn: RunFn, cores: int, extra: dict) -> dict:
         rows = [row("run", a.rate, res, ttft_slo, tpot_slo)]
         out["runs"] = rows
         out["slo_sweep"] = slo_scale_sweep(res.records, ttft_slo, tpot_slo, a.slo_scales)
+        out["records"] = [_record_dict(r) for r in res.records]  # per request, in spec order
     print(to_markdown(rows))
     if a.goodput:
         print(f"\ngoodput {out['goodput_req_s']:.3f} req/s = {out['goodput_per_core']:.3f} req/s "

@@ -172,7 +172,7 @@ class SlackChunks:
     (request.Request: request_id, params.max_tokens, output_token_ids, num_tokens,
     num_computed_tokens); the state is one entry per request decoding now."""
 
-    def __init__(self, cost, tpot_s: float, headroom: float = 0.95):
+    def __init__(self, cost, tpot_s: float, headroom: float = 0.95, calibration: int = 8):
         if not (tpot_s > 0 and math.isfinite(tpot_s)):
             raise ValueError(f"the TPOT SLO must be a positive number of seconds, got {tpot_s!r}")
         if not 0 < headroom <= 1:
@@ -182,12 +182,33 @@ class SlackChunks:
         self.target_s = tpot_s * headroom
         self._start: dict[str, tuple[float, int]] = {}  # request id -> (start, tokens then)
         self.last_slack: float | None = None  # the smallest slack the last cap() saw
+        # measured / predicted time from one step's scheduling to the next (the step, and
+        # what the worker does between steps), averaged over ~`calibration` steps (0: off):
+        # every prediction is scaled by it
+        self.calibration = calibration
+        self.scale = 1.0
+        self._sized: tuple[float, float] | None = None  # (now, predicted) of the last step
+
+    def _calibrate(self, now: float) -> None:
+        if self._sized is not None and self.calibration:
+            then, predicted = self._sized
+            took = now - then
+            if predicted > 0 and 0 < took < 4 * predicted * self.scale:  # not across an idle gap
+                w = 1.0 / self.calibration
+                self.scale = min(3.0, max(0.5, (1 - w) * self.scale + w * took / predicted))
+        self._sized = None
 
     def cap(self, now: float, decoding: Sequence, reserved: Sequence, prompt, budget: int) -> int:
         """Prompt tokens this step may add (0..budget) beside `decoding` (requests past their
         first token here) with `reserved` on the way; `prompt`: the request whose chunk would
         run (None: no prompt to run; the starts are still tracked)."""
-        starts, target, step_s = self._start, self.target_s, self.cost.step_s
+        self._calibrate(now)
+        k = self.scale
+        starts, target = self._start, self.target_s
+
+        def step_s(decodes, ctx, chunk=0, at=0):
+            return k * self.cost.step_s(decodes, ctx, chunk, at)
+
         seen = {}
         lives = []  # (steps left, the SLO's time for its steps, e, tokens since its start)
         tokens = 0
@@ -230,12 +251,15 @@ class SlackChunks:
             if steps > 0 and 0 <= own < slack:
                 slack = own
         self.last_slack = slack if math.isfinite(slack) else None
-        if prompt is None or budget <= 0:
-            return 0
-        if not math.isfinite(slack):
-            return budget
-        at = prompt.num_computed_tokens
-        return largest(budget, lambda c: step_s(b, ctx, c, at) - s <= slack)
+        c = 0
+        if prompt is not None and budget > 0:
+            at = prompt.num_computed_tokens
+            c = budget if not math.isfinite(slack) else largest(
+                budget, lambda c: step_s(b, ctx, c, at) - s <= slack)
+            c = min(c, prompt.num_tokens - at)
+        if b or c:
+            self._sized = (now, self.cost.step_s(b, ctx, c, prompt.num_computed_tokens if c else 0))
+        return c
 
 
 def _timeline(step_s, ends: list[int], ctx: int) -> dict[int, float]:
