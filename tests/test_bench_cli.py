@@ -233,7 +233,7 @@ def test_run_experiment_one_run_at_the_traces_own_times(tmp_path):
                     "--ttft-slo", "0.4", "--tpot-slo", "0.02", "--quiet")
     out = E.run_experiment(a, fifo(0.5, 0.01, calls), 2, {"source": "simulated"})
     assert [s.arrival_s for s in calls[0]] == [0.0, 5.0]  # no --rate: the trace's times
-    assert list(out) == JSON_KEYS + ["source", "runs", "slo_sweep"]
+    assert list(out) == JSON_KEYS + ["source", "runs", "slo_sweep", "records"]
     assert out["runs"][0]["rate"] is None and out["runs"][0]["attainment"] == 0.0  # TTFT 0.5
     assert [r["attainment"] for r in out["slo_sweep"]] == [0, 0, 0, 1, 1]  # 0.5 s meets x1.5
     with pytest.raises(ValueError, match="overwrite"):
