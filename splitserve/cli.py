@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench import compare as bench_compare
     from splitserve.bench import load as bench_load
     from splitserve.bench import soak as bench_soak
+    from splitserve.plan import search as plan_search
     from splitserve.sim import profile as sim_profile
     from splitserve.sim import run as sim_run
     from splitserve.sim import validate as sim_validate
@@ -165,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
             (sub, "profile", sim_profile, "time real engine steps of known shape on this machine "
              "and fit the simulator's `fitted` latency model to them"),
             (sub, "sim", sim_run, "simulate a deployment (the server's own scheduling code on a "
-             "virtual clock) on any bench workload: same report as bench serve")):
+             "virtual clock) on any bench workload: same report as bench serve"),
+            (sub, "plan", plan_search, "choose a deployment by simulated goodput per device: "
+             "co-located or P/D splits, parallel layouts, rate matching; prints the serve "
+             "command")):
         sp = subs.add_parser(name, help=text)  # each module brings its flags and its main
         module.add_args(sp)
         sp.set_defaults(func=module.main)

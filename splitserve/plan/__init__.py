@@ -1,0 +1,1 @@
+"""Choosing a deployment: per-phase goodput by simulation, rate matching, ranked placements."""
