@@ -221,8 +221,8 @@ def test_in_the_simulator_slo_local_prefill_keeps_pure_pds_attainment_and_beats_
     (the fixed-chunk policy, --local-prefill auto, loses to both under this TPOT)."""
     from splitserve.bench import workloads as W
     from splitserve.bench.deployments import parse_deployment
-    from splitserve.sim.run import Simulator, SimSettings
     from splitserve.router.policies import SloLocalPrefill
+    from splitserve.sim.run import SimSettings, Simulator
 
     lat = CpuLike()
     local = SloLocalPrefill.for_slo(CostModel(lat, 512, 8), 0.063, 64, ttft_s=20.0)
