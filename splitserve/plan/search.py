@@ -443,9 +443,10 @@ def main(a) -> int:
         if a.devices < 1 or a.devices_per_node < 1 or a.max_pp < 1:
             raise ValueError("--devices, --devices-per-node and --max-pp must be >= 1")
         crit = Criteria(*E.slos(a), a.target, a.attainment)
-        planner = Planner(a.latency_model, a.workload, crit, a.num_requests, a.seed, a.cv,
-                          a.max_rate_per_device, a.tol, quiet=a.quiet)
         gpu = a.latency_model.partition(":")[0].lower() in GPU_KINDS
+        bound = a.max_rate_per_device or (32.0 if gpu else 4.0)
+        planner = Planner(a.latency_model, a.workload, crit, a.num_requests, a.seed, a.cv,
+                          bound, a.tol, quiet=a.quiet)
         method = a.method or ("match" if gpu or a.devices > 8 else "joint")
         t0 = time.perf_counter()
         if method == "joint":
@@ -521,8 +522,9 @@ def add_args(p) -> None:
                         "matching; segment: DistServe's (1 prefill + 1 decode instance per pair "
                         "of layouts that fits a node, simulated together). Default: joint for up "
                         "to 8 one-device workers, else match")
-    p.add_argument("--max-rate-per-device", type=float, default=8.0,
-                   help="the bisection's upper bound, req/s per device")
+    p.add_argument("--max-rate-per-device", type=float, default=None,
+                   help="the bisection's upper bound, req/s per device (default: 32 for a GPU "
+                        "family, 4 for one-device workers)")
     p.add_argument("--tol", type=float, default=0.05, help="bisection tolerance, req/s per device")
     p.add_argument("--json", default=None, help="write the ranking here")
     p.add_argument("--quiet", action="store_true")
