@@ -4,7 +4,6 @@ and plan's searches on small simulated deployments."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -80,7 +79,12 @@ def test_bisection_is_distserves():
 
 
 def _rec(ttft, tpot, ok=True):
-    return SimpleNamespace(ok=ok, ttft=ttft, tpot=tpot)
+    """A two-token request sent at 0 with that TTFT and TPOT (none: it failed)."""
+    from splitserve.bench.goodput import RequestRecord
+
+    if not ok:
+        return RequestRecord(False, 0.0, 0.0, 1.0, [], 0, 1, 2, error="failed")
+    return RequestRecord(True, 0.0, 0.0, 1.0, [ttft, ttft + tpot], 2, 1, 2)
 
 
 def test_attainment_joint_and_each():

@@ -163,9 +163,7 @@ class Scheduler:
             if one:  # the policy prices one prompt chunk: no second one in the step
                 cap = self._policy_cap(now, budget)
             elif cfg.prefill_chunk_while_decoding is not None:
-                decoding = sum(1 for r in self.running
-                               if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill)
-                cap = cfg.prefill_cap(decoding)
+                cap = cfg.prefill_cap(sum(1 for r in self.running if _decoding(r)))
             prefill_budget = budget if cap is None else cap
             # (one: a prompt chunk among the running leaves no prefill budget for the waiting)
             budget, prefill_budget = self._schedule_running(out, budget, prefill_budget, one)
@@ -181,7 +179,7 @@ class Scheduler:
     def _policy_cap(self, now: float, budget: int) -> int:
         decoding, prompt = [], None
         for r in self.running:
-            if r.num_tokens - r.num_computed_tokens == 1 and not r.in_prefill:
+            if _decoding(r):
                 decoding.append(r)
             elif prompt is None:  # a prompt under way, or a preempted request recomputing
                 prompt = r
@@ -336,3 +334,8 @@ class Scheduler:
             if len(self.kv.req_blocks[req.request_id]) < need:
                 raise IntegrityError(f"{req.request_id} computed {req.num_computed_tokens} "
                                      f"tokens into fewer than {need} blocks")
+
+
+def _decoding(req: Request) -> bool:
+    """Past its prompt with only its last sampled token to run: a decode this step."""
+    return req.num_tokens - req.num_computed_tokens == 1 and not req.in_prefill

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from splitserve.bench import workloads as W
 from splitserve.bench.deployments import DeploymentSpec
-from splitserve.bench.goodput import RequestRecord
+from splitserve.bench.goodput import RequestRecord, met_slo
 from splitserve.plan.ratematch import Instance, Placement, best
 from splitserve.sim.latency.base import Batch, LatencyModel
 from splitserve.sim.latency.registry import build_latency_model
@@ -61,16 +61,16 @@ class Criteria:
 
     def passes(self, records: list[RequestRecord], phase: str = "both") -> bool:
         """phase: "prefill" judges TTFT only, "decode" TPOT only, "both" both."""
+        if not records:
+            return False
+        if self.mode == "joint":  # bench serve's rule (RequestRecord.meets), one phase or both
+            met = met_slo(records, math.inf if phase == "decode" else self.ttft_s,
+                          math.inf if phase == "prefill" else self.tpot_s)
+            return met >= self.target * len(records) - 1e-9
+        # a failed request counts as infinitely late; a one-token one has no TPOT (0)
         ttft = [r.ttft if r.ok and r.ttft is not None else math.inf for r in records]
         tpot = [r.tpot if r.ok and r.tpot is not None else (0.0 if r.ok else math.inf)
                 for r in records]
-        if not records:
-            return False
-        if self.mode == "joint":
-            met = sum(1 for a, b in zip(ttft, tpot)
-                      if (phase == "decode" or a <= self.ttft_s)
-                      and (phase == "prefill" or b <= self.tpot_s))
-            return met >= self.target * len(records) - 1e-9
         ok = True
         if phase in ("prefill", "both"):
             ok = ok and _quantile(ttft, self.target) < self.ttft_s

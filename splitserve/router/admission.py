@@ -132,12 +132,14 @@ class CostModel:
         return t
 
     def _chunk_s(self, tokens: int, context: int, decodes: int, decode_ctx: int) -> float:
+        """A step of `tokens` prompt tokens (none: decodes alone) after `context` cached ones,
+        beside `decodes` decodes; contexts priced at their bucket's floor."""
         key = (tokens, context // CTX_BUCKET, decodes, decode_ctx // CTX_BUCKET)
         t = self._chunk.get(key)
         if t is None:
+            chunk = ((tokens,), ((context // CTX_BUCKET) * CTX_BUCKET,)) if tokens > 0 else ((), ())
             t = self.latency.step_time(Batch(
-                (tokens,), ((context // CTX_BUCKET) * CTX_BUCKET,),
-                (((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes)))
+                *chunk, ((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes))
             _keep(self._chunk, key, t)
         return t
 
@@ -180,15 +182,8 @@ class CostModel:
         """One step of `decodes` decodes (about `decode_ctx` tokens of KV each) plus, when
         `chunk` > 0, `chunk` prompt tokens from position `chunk_start`: with and without the
         chunk priced alike (context buckets), so their difference is the chunk's own cost."""
-        if chunk <= 0:
-            key = (0, 0, decodes, decode_ctx // CTX_BUCKET)
-            t = self._chunk.get(key)
-            if t is None:
-                t = self.latency.step_time(Batch(
-                    decode_context=((decode_ctx // CTX_BUCKET) * CTX_BUCKET,) * decodes))
-                _keep(self._chunk, key, t)
-            return t
-        return self._chunk_s(chunk, chunk_start, decodes, decode_ctx)
+        chunk = max(0, chunk)
+        return self._chunk_s(chunk, chunk_start if chunk else 0, decodes, decode_ctx)
 
     def chunk_table(self, tpot_s: float, max_decodes: int, context: int,
                     max_chunk: int | None = None) -> tuple[int, ...]:

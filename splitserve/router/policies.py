@@ -181,7 +181,6 @@ class SlackChunks:
         self.tpot_s = tpot_s
         self.target_s = tpot_s * headroom
         self._start: dict[str, tuple[float, int]] = {}  # request id -> (start, tokens then)
-        self.last_slack: float | None = None  # the smallest slack the last cap() saw
         # measured / predicted time from one step's scheduling to the next (the step, and
         # what the worker does between steps), averaged over ~`calibration` steps (0: off):
         # every prediction is scaled by it
@@ -250,7 +249,6 @@ class SlackChunks:
             own = steps * (target - s_all)
             if steps > 0 and 0 <= own < slack:
                 slack = own
-        self.last_slack = slack if math.isfinite(slack) else None
         c = 0
         if prompt is not None and budget > 0:
             at = prompt.num_computed_tokens

@@ -80,10 +80,12 @@ def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
     decode instances of tp1), its KV pool sized by that model too."""
     if s.block_size & (s.block_size - 1):
         raise SimError(f"--block-size must be a power of two (as the engine's), got {s.block_size}")
-    workers = []
+    workers, pools = [], {}  # (a pool per latency model, not per worker)
     for role in dep.roles:
         lat = (role_latency or {}).get(role, latency)
-        num_blocks, max_len = _pool(dep, lat, s)
+        if id(lat) not in pools:
+            pools[id(lat)] = _pool(dep, lat, s)
+        num_blocks, max_len = pools[id(lat)]
         cfg = SchedulerConfig(
             max_num_batched_tokens=dep.max_num_batched_tokens, max_num_seqs=s.max_num_seqs,
             chunked_prefill=dep.chunked_prefill, role=role,
