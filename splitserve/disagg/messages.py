@@ -24,6 +24,8 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
                 ─► prefill: KV layer by layer + KVDone over the data plane ─► decode
                 ─► decode: Outputs ... ─► router
     any time:   Abort ─► worker;  worker ─► Failed(request, message)
+    role change (router/reroling.py): SetRole(role, new epoch) ─► worker ─► RoleSet (under the
+                new epoch when it took the role)
 
 Data plane (prefill -> decode, a DEALER at the prefill worker to the decode worker's ROUTER):
     Hello(KV spec) ─► HelloAck(ok | reason);  per chunk: KVProgress, [KVLayer + raw bytes (tcp
@@ -97,6 +99,7 @@ class WorkerStats(msgspec.Struct):
     step_errors: int = 0  # steps whose forward raised (their requests failed, the worker went on)
     aborts: int = 0  # requests aborted here (the client went away, or the router said so)
     rejoins: int = 0  # times it lost its router, aborted everything and registered again
+    role_changes: int = 0  # SetRole taken (router/reroling.py)
 
 
 class DecodePeer(msgspec.Struct, frozen=True):
@@ -129,6 +132,9 @@ class Register(msgspec.Struct, tag=True):
     # carries the same one; a new one from a live worker means it lost contact and aborted
     # everything, and the router fails what that incarnation held
     nonce: str = ""
+    # it can change role while it runs (SetRole): it has a KV data socket (and pool) for the
+    # decode role and the prefill role's writer whatever role it starts in
+    reroleable: bool = False
 
 
 class Welcome(msgspec.Struct, tag=True):
@@ -178,6 +184,10 @@ class Generate(msgspec.Struct, tag=True):
     request_id: str
     prompt_token_ids: list[int]
     params: Params
+    # the worker's epoch as the router knew it when it chose the role this message needs
+    # (0: unchecked); a worker under another epoch (it changed role since) fails the request.
+    # So do Reserve's and Prefill's.
+    epoch: int = 0
 
 
 class Reserve(msgspec.Struct, tag=True):
@@ -188,6 +198,7 @@ class Reserve(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     params: Params
     prefill_worker_id: str
+    epoch: int = 0
 
 
 class Reserved(msgspec.Struct, tag=True):
@@ -204,6 +215,7 @@ class Prefill(msgspec.Struct, tag=True):
     params: Params
     peer: DecodePeer
     block_ids: list[int]
+    epoch: int = 0
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -226,6 +238,26 @@ class PeerGone(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     epoch: int = 0  # only that incarnation stops (0: whichever gets it)
+
+
+class SetRole(msgspec.Struct, tag=True):
+    """Become `role` and speak under `epoch` from now on (router/reroling.py): the router has
+    routed it nothing new that the new role cannot carry, and waited until it holds none of
+    that. The worker checks so itself and answers RoleSet."""
+
+    role: str
+    epoch: int
+
+
+class RoleSet(msgspec.Struct, tag=True):
+    """The answer to SetRole: `ok` under the new epoch (sent with it), or refused (`reason`)
+    under the old one."""
+
+    role: str
+    new_epoch: int
+    ok: bool
+    reason: str = ""
+    epoch: int = 0
 
 
 class Handover(msgspec.Struct):
@@ -311,8 +343,9 @@ class KVFence(msgspec.Struct, tag=True):
     request_id: str
 
 
-ToWorker = Welcome | Ping | Rejoin | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
-ToRouter = Register | Heartbeat | Reserved | Outputs | Failed
+ToWorker = (Welcome | Ping | Rejoin | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
+            | SetRole)
+ToRouter = Register | Heartbeat | Reserved | Outputs | Failed | RoleSet
 DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence | KVProgress
 
 _enc = msgspec.msgpack.Encoder()

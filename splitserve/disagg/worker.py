@@ -32,6 +32,7 @@ from splitserve.disagg.transfer.base import KVSender, TransferError
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.errors import IntegrityError, SplitServeError
 from splitserve.request import RequestStatus
+from splitserve.router.reroling import blocker
 
 log = logging.getLogger("splitserve.worker")
 
@@ -67,6 +68,11 @@ class WorkerConfig:
     # decode: sizes its own prefills' chunks (router.policies.SlackChunks), or None: the
     # engine's --local-prefill-chunk
     prefill_policy: object | None = None
+    # it can change role while it runs (SetRole, router/reroling.py): it sets up the decode
+    # role's data socket (and shared-memory pool) and the prefill role's writer whatever its
+    # role; `decode_prefill_chunk` is then the decode role's --local-prefill-chunk
+    reroleable: bool = False
+    decode_prefill_chunk: int | tuple[int, ...] | None = None
 
 
 def wire_logprobs(lp: tuple[float, list[tuple[int, float]]]) -> list:
@@ -90,19 +96,19 @@ class Worker:
         self.worker_id = cfg.worker_id or f"{cfg.role}-{socket.gethostname()}-{os.getpid()}"
         if cfg.cores:
             os.sched_setaffinity(0, cfg.cores)
-        ec = replace(cfg.engine, scheduler=replace(cfg.engine.scheduler, role=cfg.role))
-        if cfg.role == "decode":
-            # decode-side prefix hits are not used (reserve takes the whole prompt); caching
-            # the written blocks would only keep stale hashes alive
-            ec = replace(ec, cache=replace(ec.cache, enable_prefix_caching=False))
-        if cfg.role == "decode" and cfg.data_host in ("*", "0.0.0.0", "::", ""):
+        self._prefix_caching = cfg.engine.cache.enable_prefix_caching
+        ec = replace(cfg.engine, scheduler=self._scheduler_config(cfg.role),
+                     cache=replace(cfg.engine.cache,
+                                   enable_prefix_caching=self._caching_for(cfg.role)))
+        decode_capable = cfg.role == "decode" or cfg.reroleable
+        if decode_capable and cfg.data_host in ("*", "0.0.0.0", "::", ""):
             raise SplitServeError(f"--data-host {cfg.data_host!r} is not an address prefill workers "
                                   "can connect to; give this host's IP")
         self.shm_path: str | None = None
-        want_shm = cfg.role == "decode" and cfg.kv_transport in ("auto", "shm")
+        want_shm = decode_capable and cfg.kv_transport in ("auto", "shm")
         self.engine = LLMEngine(ec, kv_allocator=self._shm_pool if want_shm else None)
         eng = self.engine
-        if cfg.prefill_policy is not None:
+        if cfg.prefill_policy is not None and cfg.role == "decode":
             eng.scheduler.prefill_policy = cfg.prefill_policy
         faults.install(eng, cfg.role)
         self.decisions = decision_log.Appender(self.worker_id)
@@ -120,6 +126,7 @@ class Worker:
         self.lease_s = 5.0
         self.router_seen = time.monotonic()
         self.epoch = 0  # this incarnation of worker_id, as the router's Welcome numbers it
+        self.epochs: set[int] = set()
         self.router_id = ""  # the router process it registered with (Welcome.router_id)
         # heartbeats go out only while registered; the heartbeat thread clears it and names
         # why in `router_lost` when the router is gone, and the loop registers again
@@ -139,13 +146,30 @@ class Worker:
         self.decode_side = DecodeSide(cfg.kv_timeout_s, cfg.kv_queue_timeout_s)
         self._handlers = {M.Shutdown: self._on_shutdown, M.Generate: self._on_generate,
                           M.Abort: self._on_abort, M.PeerGone: self._on_peer_gone,
-                          M.Prefill: self._on_prefill, M.Reserve: self._on_reserve}
-        if self.role == "decode":
+                          M.Prefill: self._on_prefill, M.Reserve: self._on_reserve,
+                          M.SetRole: self._on_set_role}
+        if decode_capable:
             self._setup_decode()
-        if self.role == "prefill":
-            eng.kv_layer_hook = self._on_layer
+        if self.role == "prefill" or cfg.reroleable:
+            eng.kv_layer_hook = self._on_layer  # (acts only on the requests it hands over)
+        self.role_changes = 0
 
     # -- set-up ----------------------------------------------------------------------------
+    def _scheduler_config(self, role: str):
+        """The engine's scheduler settings in `role`: as configured for the role it started in;
+        in another, the decode role caps its own prefills (decode_prefill_chunk), the others
+        do not."""
+        base = self.cfg.engine.scheduler
+        if role == self.cfg.role:
+            return replace(base, role=role)
+        chunk = self.cfg.decode_prefill_chunk if role == "decode" else None
+        return replace(base, role=role, prefill_chunk_while_decoding=chunk)
+
+    def _caching_for(self, role: str) -> bool:
+        # decode-side prefix hits are not used (reserve takes the whole prompt); caching the
+        # written blocks would only keep stale hashes alive
+        return self._prefix_caching and role != "decode"
+
     @staticmethod
     def _kv_spec(eng: LLMEngine) -> M.KVSpec:
         mc = eng.model_config
@@ -196,7 +220,7 @@ class Worker:
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
             transport, self.receiver.addr if self.receiver else None, self.shm_path,
-            nonce=os.urandom(8).hex())
+            nonce=os.urandom(8).hex(), reroleable=self.cfg.reroleable)
         self._send(register)
         deadline = time.monotonic() + self.cfg.register_timeout_s
         while True:
@@ -225,6 +249,7 @@ class Worker:
             raise SplitServeError(f"the router refused this worker: {msg.reason}")
         self.lease_s = msg.lease_s
         self.epoch = msg.epoch
+        self.epochs = {msg.epoch}  # this registration's (a role change adds one)
         self.router_id = msg.router_id
         self.router_seen = time.monotonic()
         self.registered.set()
@@ -454,8 +479,49 @@ class Worker:
         if msg.epoch in (0, self.epoch):  # (one meant for a previous incarnation is not ours)
             self.running = False
 
+    def _fenced(self, msg, roles: tuple[str, ...]) -> bool:
+        """A request message this worker must not act on — sent to another registration of it
+        (msg.epoch), or needing a role it no longer has (it changed role since the router
+        chose it): the request fails here, and True. A role change keeps the registration: a
+        Generate sent just before a change that carries it on (colocated -> decode) stands."""
+        if (msg.epoch and msg.epoch not in self.epochs) or self.role not in roles:
+            self._fail(msg.request_id, f"{type(msg).__name__} reached {self.worker_id} as a "
+                       f"{self.role} worker (epoch {self.epoch}; sent for epoch {msg.epoch})")
+            return True
+        return False
+
+    def _on_set_role(self, msg: M.SetRole) -> None:
+        """Become msg.role if what this worker holds carries on there (router/reroling.py);
+        answer under the new epoch, or refuse under the old one."""
+        old = self.role
+        why = None if self.cfg.reroleable else (
+            "it was started without --reroleable (no decode data socket / prefill writer)")
+        if why is None:
+            try:
+                pending = len(self.decode_side.pending)
+                why = blocker(old, msg.role, requests=len(self.engine.request_ids()) + pending,
+                              handovers=pending + len(self.decode_side.reservations))
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            log.warning("refused to become %s: %s", msg.role, why)
+            self._send(M.RoleSet(msg.role, msg.epoch, False, why))
+            return
+        eng = self.engine
+        eng.core.set_role(self._scheduler_config(msg.role), self._caching_for(msg.role))
+        eng.scheduler.prefill_policy = self.cfg.prefill_policy if msg.role == "decode" else None
+        self.role, self.epoch = msg.role, msg.epoch
+        self.epochs.add(msg.epoch)
+        self.role_changes += 1
+        self.stats.role_changes = self.role_changes
+        self._send(M.RoleSet(msg.role, msg.epoch, True))
+        log.warning("changed role %s -> %s (epoch %d); carrying on %d request(s)", old, msg.role,
+                    msg.epoch, len(eng.request_ids()))
+
     def _on_generate(self, msg: M.Generate) -> None:
         """The whole request here: a co-located worker's, or a decode worker's own prefill."""
+        if self._fenced(msg, ("colocated", "decode")):
+            return
         try:
             self.engine.add_request(msg.prompt_token_ids, msg.params.to_sampling_params(), msg.request_id)
         except SplitServeError as e:
@@ -528,6 +594,8 @@ class Worker:
 
     def _on_prefill(self, msg: M.Prefill) -> None:
         rid = msg.request_id
+        if self._fenced(msg, ("prefill",)):
+            return
         try:
             self._sender(msg.peer)
             # refuses a duplicate id (the live request's target stays) and too few blocks
@@ -602,6 +670,8 @@ class Worker:
 
     # -- decode role -----------------------------------------------------------------------
     def _on_reserve(self, msg: M.Reserve) -> None:
+        if self._fenced(msg, ("decode",)):
+            return
         self.decode_side.queue(msg.request_id, msg.prefill_worker_id, msg)
 
     def _reserve(self, msg: M.Reserve) -> list[int] | None:

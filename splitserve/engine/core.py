@@ -82,6 +82,14 @@ class EngineCore:
     def release(self, request_id: str) -> None:
         self.scheduler.release(request_id)
 
+    def set_role(self, config: SchedulerConfig, prefix_caching: bool) -> None:
+        """Run as config.role from the next step (the caller has finished what that role
+        cannot carry on: router/reroling.py); prefix caching on or off (off forgets the
+        cached blocks no request holds)."""
+        self.scheduler.config = config
+        self.kv.set_caching(prefix_caching)
+        self._log(("role", config.role))
+
     def abort(self, request_id: str) -> Request | None:
         """Finish the request as aborted wherever it is (a prefilled hand-off is released);
         returns it, or None when it is not here."""

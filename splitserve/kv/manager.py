@@ -29,6 +29,14 @@ class KVCacheManager:
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
+    def set_caching(self, enabled: bool) -> None:
+        """Prefix caching on or off from now on. Off forgets every unreferenced cached block;
+        a block a request still holds keeps its hash (its content stays what the hash says
+        until it is allocated again, which forgets the hash), so turning it on again is safe."""
+        if not enabled:
+            self.pool.reset_prefix_cache()
+        self.enable_caching = self.pool.enable_caching = enabled
+
     # -- hashes ----------------------------------------------------------------------------
     def update_hashes(self, req: Request) -> list[bytes]:
         if len(req.block_hashes) < req.num_tokens // self.block_size:

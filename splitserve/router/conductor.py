@@ -9,6 +9,7 @@ requests it held.
 
     generate(): Reserve ─► decode ... Reserved ─► Prefill ─► prefill ... Outputs (from decode)
     generator closed early (client gone) ─► Abort to both workers (see messages.Abort)
+    set_role(): drain what the new role cannot carry (reroling.py) ─► SetRole ─► RoleSet
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class Conductor:
         self.restarting: dict[str, dict] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock = None
+        self._role_answers: dict[str, asyncio.Future] = {}  # worker id -> its RoleSet
+        # every role change taken or refused: {"t", "worker_id", "from", "to", "ok",
+        # "drain_s", "reason"} (the caller's reason; the worker's, when it refused)
+        self.role_changes: list[dict] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -263,10 +268,12 @@ class Conductor:
                              max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority)
         self._streams[request_id] = s
         if t.worker is not None:
-            self._send(t.worker, M.Generate(request_id, s.prompt, wp), request_id)
+            self._send(t.worker, M.Generate(request_id, s.prompt, wp, t.views[t.worker].epoch),
+                       request_id)
         else:
             log.debug("%s -> prefill %s, decode %s", request_id, t.prefill, t.decode)
-            self._send(t.decode, M.Reserve(request_id, s.prompt, wp, t.prefill), request_id)
+            self._send(t.decode, M.Reserve(request_id, s.prompt, wp, t.prefill,
+                                           t.views[t.decode].epoch), request_id)
         try:
             while True:
                 item = await s.queue.get()
@@ -312,6 +319,70 @@ class Conductor:
             self._fail(request_id, f"worker {wid} cannot be reached")
         return ok
 
+    # -- role changes (reroling.py) ----------------------------------------------------------
+    async def set_role(self, worker_id: str, role: str, reason: str = "",
+                       drain_timeout_s: float = 300.0) -> dict:
+        """Make a live worker `role` while serving: stop routing it what the new role cannot
+        carry on, wait until it holds none of that (at most drain_timeout_s: then it is routed
+        to as before and ServiceUnavailable says why), send SetRole under a new epoch and
+        apply its answer. Returns the change's record (see role_changes); raises
+        InvalidRequestError for a worker that cannot change (unknown, not --reroleable) and
+        RequestFailed when the worker refused or died meanwhile."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive:
+            raise InvalidRequestError(f"no live worker {worker_id!r}", param="worker_id")
+        if not w.info.reroleable:
+            raise InvalidRequestError(f"worker {worker_id} was started without --reroleable: it "
+                                      "cannot change role while it runs", param="worker_id")
+        old = w.view.role
+        if role == old:
+            return {"t": time.time(), "worker_id": worker_id, "from": old, "to": role, "ok": True,
+                    "drain_s": 0.0, "reason": reason}
+        epoch = self.state.begin_rerole(worker_id, role)
+        t0 = time.monotonic()
+        try:
+            while not self.state.drained(worker_id):
+                if not w.alive:
+                    raise RequestFailed(f"worker {worker_id} died while draining to become {role}")
+                if time.monotonic() - t0 > drain_timeout_s:
+                    raise ServiceUnavailable(f"worker {worker_id} did not finish its requests "
+                                             f"within {drain_timeout_s:g} s; it stays {old}")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            self.state.cancel_rerole(worker_id)
+            raise
+        drain_s = time.monotonic() - t0
+        # From here the worker may flip at any moment: wait for its answer (or its death)
+        # rather than time out and guess which role it has.
+        fut = self._role_answers[worker_id] = asyncio.get_running_loop().create_future()
+        try:
+            self._send(worker_id, M.SetRole(role, epoch))
+            while not fut.done():
+                if not w.alive:
+                    raise RequestFailed(f"worker {worker_id} died while becoming {role}")
+                await asyncio.wait([fut], timeout=0.1)
+        finally:
+            self._role_answers.pop(worker_id, None)
+            if not fut.done():
+                self.state.cancel_rerole(worker_id)
+        ans: M.RoleSet = fut.result()
+        ok = ans.ok and ans.role == role and ans.new_epoch == epoch == ans.epoch
+        self.state.rerole_done(worker_id, role, epoch, ok)
+        rec = {"t": time.time(), "worker_id": worker_id, "from": old, "to": role, "ok": ok,
+               "drain_s": round(drain_s, 3), "reason": reason if ok else ans.reason}
+        self.role_changes.append(rec)
+        if not ok:
+            log.error("worker %s refused to become %s: %s", worker_id, role, ans.reason)
+            raise RequestFailed(f"worker {worker_id} refused to become {role}: {ans.reason}")
+        w.info.role = role
+        if old == "decode":  # the prefill workers' connections to its data socket go
+            for other in self.workers.values():
+                if other.alive and other is not w:
+                    self._send(other.info.worker_id, M.PeerGone(worker_id))
+        log.warning("worker %s: %s -> %s (epoch %d, drained in %.2f s)%s", worker_id, old, role,
+                    epoch, drain_s, f": {reason}" if reason else "")
+        return rec
+
     # -- messages from workers ---------------------------------------------------------------
     async def _recv_loop(self) -> None:
         while True:
@@ -337,6 +408,11 @@ class Conductor:
         if isinstance(msg, M.Register):
             self._register(wid, msg)
             return
+        if isinstance(msg, M.RoleSet):  # (under the new epoch when taken: before the check)
+            fut = self._role_answers.get(wid)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
         w = self.workers.get(wid)
         if w is None or not w.alive or msg.epoch != w.view.epoch:
             return  # (another epoch: sent by a previous incarnation, arriving late)
@@ -360,8 +436,9 @@ class Conductor:
                     self._send(wid, M.Abort(rid))  # nobody will write these blocks
                     return
                 s = self._streams[rid]
+                epoch = self.state.tracks[rid].views[prefill].epoch
                 self.state.prefill_sent(rid, self._send(prefill, M.Prefill(
-                    rid, s.prompt, M.Params.of(s.params), w.peer, msg.block_ids), rid))
+                    rid, s.prompt, M.Params.of(s.params), w.peer, msg.block_ids, epoch), rid))
 
     def _heartbeat(self, hb_ident: str, msg) -> None:
         w = self.workers.get(hb_ident[:-3])

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from splitserve.errors import IntegrityError, InvalidRequestError, ServiceUnavailable
 from splitserve.router.admission import Overloaded
 from splitserve.router.policies import LeastLoaded, LocalPrefill
-
-ROLES = ("colocated", "prefill", "decode")
+from splitserve.router.reroling import EVERYTHING, HANDOVERS, NOTHING, ROLES, must_finish
 
 
 @dataclass
@@ -45,6 +44,10 @@ class WorkerView:
     queued_prompt_tokens: int = 0  # prefill: P/D prompts sent here, not yet admitted at decode
     prefill_tokens: int = 0  # whole requests' prompts here before their first token
     decoding: int = 0  # requests past their first token here (handed over, or its own)
+    # a role change under way (begin_rerole): (new role, the epoch it will come under)
+    rerole: tuple[str, int] | None = None
+    draining: bool = False  # routed nothing new while it finishes what its new role cannot carry
+    prev_epoch: int = 0  # the epoch before its last role change (its heartbeats may lag)
 
     # what the policies read (policies.WorkerLoad and DecodeLoad are the same shapes)
     @property
@@ -124,11 +127,18 @@ class RouterState:
         """Whether the heartbeat counts: from the live incarnation `epoch` (None: the
         current one) of a registered worker."""
         w = self.workers.get(worker_id)
-        if w is None or not w.alive or (epoch is not None and epoch != w.epoch):
+        if w is None or not w.alive or (epoch is not None and epoch not in self._epochs_of(w)):
             return False
         w.last_seen = now
         w.kv_blocks_used = kv_blocks_used
         return True
+
+    @staticmethod
+    def _epochs_of(w: WorkerView) -> tuple[int, ...]:
+        """The epochs one live incarnation may send heartbeats under: its own, and around a
+        role change the one before and the one to come (the heartbeat has its own socket, so
+        it may overtake the worker's answer or trail it)."""
+        return (w.epoch, w.prev_epoch, w.rerole[1] if w.rerole else w.epoch)
 
     def silent(self, now: float, timeout_s: float) -> list[str]:
         """Live workers not heard from for longer than timeout_s."""
@@ -148,12 +158,76 @@ class RouterState:
         pool = self.workers.values() if role is None else self._by_role[role]
         return [w for w in pool if w.alive]
 
-    def is_ready(self) -> bool:
-        """Requests can be served: a co-located worker, or a prefill and a decode worker, live
-        (with local prefill, a decode worker alone: it prefills every request itself)."""
-        live = {w.role for w in self.live()}
-        return "colocated" in live or ("decode" in live and (
-            "prefill" in live or self.local_prefill is not None))
+    def routable(self, role: str, but: str | None = None) -> list[WorkerView]:
+        """The live workers of `role` new requests may go to (not draining; not `but`)."""
+        return [w for w in self._by_role[role] if w.alive and not w.draining and w.worker_id != but]
+
+    def _decode_serves_whole(self, changing: bool = False) -> bool:
+        """With no prefill worker to route to, the decode workers prefill requests themselves:
+        with local prefill, or while a worker drains to change role (`changing`: one is about
+        to), rather than refuse requests for the drain's length."""
+        return (self.local_prefill is not None or changing
+                or any(w.draining for w in self.workers.values() if w.alive))
+
+    def is_ready(self, but: str | None = None) -> bool:
+        """Requests can be served: a co-located worker, or a prefill and a decode worker, to
+        route to (with local prefill, a decode worker alone: it prefills every request
+        itself). `but`: as if that worker took no new requests (may it drain?)."""
+        ok = {role for role in ROLES if self.routable(role, but)}
+        return "colocated" in ok or ("decode" in ok and (
+            "prefill" in ok or self._decode_serves_whole(changing=but is not None)))
+
+    # -- role changes (reroling.py) --------------------------------------------------------
+    def begin_rerole(self, worker_id: str, role: str) -> int:
+        """Start changing a live worker's role: returns the epoch it will answer under. It is
+        routed nothing new unless its new role carries everything on; raises
+        ServiceUnavailable when the others could not serve meanwhile (flip another first),
+        InvalidRequestError for an unknown worker or role, or one already changing."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive:
+            raise InvalidRequestError(f"no live worker {worker_id!r}", param="worker_id")
+        if role not in ROLES:
+            raise InvalidRequestError(f"role must be one of {', '.join(ROLES)}, got {role!r}",
+                                      param="role")
+        if w.rerole is not None:
+            raise InvalidRequestError(f"worker {worker_id} is already becoming {w.rerole[0]}")
+        drain = must_finish(w.role, role) != NOTHING
+        if drain and not self.is_ready(but=worker_id):
+            raise ServiceUnavailable(f"worker {worker_id} cannot stop taking requests now: the "
+                                     "other workers could not serve them meanwhile")
+        epoch = self.epochs[worker_id] = self.epochs[worker_id] + 1
+        w.rerole, w.draining = (role, epoch), drain
+        return epoch
+
+    def drained(self, worker_id: str) -> bool:
+        """The worker holds nothing its new role (begin_rerole) cannot carry on."""
+        w = self.workers[worker_id]
+        what = must_finish(w.role, w.rerole[0])
+        if what == EVERYTHING:
+            return not w.requests
+        if what == HANDOVERS:
+            return not any(self.tracks[r].decode == worker_id and not self.tracks[r].admitted
+                           for r in w.requests)
+        return True
+
+    def rerole_done(self, worker_id: str, role: str, epoch: int, ok: bool = True) -> bool:
+        """The worker answered the change begun for (role, epoch): it took the role (`ok`), or
+        refused and keeps its old one. False when that is not the change under way."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive or w.rerole != (role, epoch):
+            return False
+        w.rerole, w.draining = None, False
+        if ok:
+            self._by_role[w.role].remove(w)
+            self._by_role[role].append(w)
+            w.role, w.prev_epoch, w.epoch = role, w.epoch, epoch
+        return True
+
+    def cancel_rerole(self, worker_id: str) -> None:
+        """Give up a change under way (it took too long): route to it again as before."""
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.rerole, w.draining = None, False
 
     # -- routing -----------------------------------------------------------------------------
     def _pick(self, role: str, need: int = 0) -> str | None:
@@ -161,8 +235,8 @@ class RouterState:
         return self.policies[role].pick(self._fitting(role, need))
 
     def _fitting(self, role: str, need: int) -> list[WorkerView]:
-        """The live workers of `role` whose KV pool can hold `need` blocks."""
-        live = self.live(role)
+        """The routable workers of `role` whose KV pool can hold `need` blocks."""
+        live = self.routable(role)
         return [w for w in live if w.kv_blocks_total >= need] if need else live
 
     def _check_fits(self, prompt_len: int) -> int:
@@ -175,7 +249,7 @@ class RouterState:
         need = -(-(prompt_len + 1) // self.block_size)
         fit = {role for role in ROLES if self._fitting(role, need)}
         if "colocated" in fit or ("decode" in fit and (
-                "prefill" in fit or self.local_prefill is not None)):
+                "prefill" in fit or self._decode_serves_whole())):
             return need
         # name the pool that is too small: the decode workers' unless they are not the problem
         roles = [r for r in ("colocated", "decode", "prefill") if self.live(r) and r not in fit]
@@ -207,10 +281,12 @@ class RouterState:
         turns = [p.turn for p in self.policies.values()]
         whole = self._pick("colocated", need)
         prefill = self._pick("prefill", need) if whole is None else None
-        if whole is None and self.local_prefill is not None:
-            # no prefill worker left (all died): the decode workers serve whole requests
-            whole = (self._local_prefill_target(prefill, prompt_len, need) if prefill is not None
-                     else self._pick("decode", need))
+        if whole is None and prefill is None and self._decode_serves_whole():
+            # no prefill worker to route to (all died, or draining): the decode workers serve
+            # whole requests
+            whole = self._pick("decode", need)
+        elif whole is None and self.local_prefill is not None:
+            whole = self._local_prefill_target(prefill, prompt_len, need)
         if whole is not None:
             t.worker = whole
         else:

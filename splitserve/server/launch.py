@@ -91,7 +91,10 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
         cmd += ["--max-model-len", str(a.max_model_len)]
     if a.num_blocks:
         cmd += ["--num-blocks", str(a.num_blocks)]
-    if role == "decode" and a.local_prefill == "slo":
+    reroleable = getattr(a, "reroleable", False) or getattr(a, "planner", "off") != "off"
+    if reroleable:
+        cmd.append("--reroleable")
+    if (role == "decode" or reroleable) and a.local_prefill == "slo":
         cmd += ["--tpot-slo", repr(a.tpot_slo), "--latency-model", a.latency_model]
     return cmd
 
@@ -307,6 +310,10 @@ def add_worker_args(p) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--reroleable", action="store_true",
+                   help="the worker can change role while it runs (POST /admin/role, serve "
+                        "--planner): it keeps a decode data socket and KV pool in shared memory "
+                        "whatever its role")
 
 
 def run_serve(a) -> int:
@@ -369,7 +376,7 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
                                   prefill_chunk_while_decoding=(a.local_prefill_chunk
                                                                 if a.role == "decode" else None)))
     policy = None
-    if a.role == "decode" and (a.tpot_slo is not None or a.latency_model is not None):
+    if (a.role == "decode" or a.reroleable) and (a.tpot_slo is not None or a.latency_model is not None):
         if a.tpot_slo is None or a.latency_model is None:
             raise SystemExit("a decode worker sizes its own prefills by the TPOT slack with both "
                              "--tpot-slo and --latency-model (serve --local-prefill slo passes them)")
@@ -380,5 +387,6 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
         except ValueError as e:
             raise SystemExit(f"--tpot-slo: {e}") from None
     cfg = WorkerConfig(a.role, router, ec, a.worker_id or "", a.kv_transport, a.kv_timeout,
-                       a.kv_queue_timeout, a.data_host, cores, a.parent_pid, prefill_policy=policy)
+                       a.kv_queue_timeout, a.data_host, cores, a.parent_pid, prefill_policy=policy,
+                       reroleable=a.reroleable, decode_prefill_chunk=a.local_prefill_chunk)
     return run_worker(cfg)

@@ -5,12 +5,16 @@
     GET  /health                                      conductor.health(); 503 while starting, and
                                                       with status "draining" after SIGTERM
     GET  /metrics                                     Prometheus text format
+    POST /admin/role  {"worker_id", "role", "reason"?} change a --reroleable worker's role while
+                                                      serving (conductor.set_role); the record
+    GET  /admin/roles                                 the role changes so far, and the planner's
+                                                      decisions when it runs
 
 Every error is OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`, never a traceback:
     400 invalid_request_error  bad JSON, wrong type, value out of range, missing field, prompt too
                                long, anything the conductor or SamplingParams refuse
     401 invalid_api_key        api_key set and `Authorization: Bearer <key>` missing or wrong
-                               (/v1/* only: health checks and scrapers need no key)
+                               (/v1/* and /admin/*: health checks and scrapers need no key)
     404 model_not_found        `model` given and not the served name
     413 request_too_large      a body over max_body_bytes (body_limit.py), refused unparsed
     503                        no workers yet (or none able to serve); serve is draining (SIGTERM:
@@ -93,11 +97,39 @@ def build_app(conductor, served_model_name: str, api_key: str | None = None,
         serving = h.get("status") in ("ok", "degraded")
         return MsgspecJSONResponse(h, status_code=200 if serving else 503)
 
+    @app.post("/admin/role")
+    async def set_role(request: Request) -> Response:
+        body = await _json_object(request)
+        wid, role, reason = body.get("worker_id"), body.get("role"), body.get("reason", "")
+        for name, v in (("worker_id", wid), ("role", role), ("reason", reason)):
+            if not isinstance(v, str):
+                raise ApiError(400, f"`{name}` must be a string", param=name)
+        return MsgspecJSONResponse(await conductor.set_role(wid, role, reason or "admin request"))
+
+    @app.get("/admin/roles")
+    async def roles() -> Response:
+        planner = getattr(app.state, "planner", None)
+        return MsgspecJSONResponse({
+            "workers": {w["worker_id"]: w["role"] for w in conductor.health()["workers"]
+                        if w["alive"]},
+            "changes": conductor.role_changes,
+            "planner": planner.decisions if planner is not None else None})
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
 
 
 class ApiKeyMiddleware:
@@ -109,7 +141,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1/", "/admin/")):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 body = error_body("Missing or incorrect API key: send it as `Authorization: Bearer "
