@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench import admission as bench_admission
     from splitserve.bench import compare as bench_compare
     from splitserve.bench import load as bench_load
+    from splitserve.bench import phases as bench_phases
     from splitserve.bench import soak as bench_soak
     from splitserve.plan import search as plan_search
     from splitserve.sim import profile as sim_profile
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
              "attainment, goodput by bisection on the rate"),
             (bsub, "compare", bench_compare, "the same workload against P/D, co-located (chunked, "
              "prefill-first) and llama-server, each started here"),
+            (bsub, "phases", bench_phases, "traffic that changes shape (prefill-heavy, then "
+             "decode-heavy, then back) against fixed P/D, fixed co-located and serve --planner "
+             "auto, each started here: attainment over time"),
             (bsub, "admission", bench_admission, "the router time admission control adds per "
              "request (route() p50 / p99, refused and admitted, vs admission off)"),
             (bsub, "soak", bench_soak, "start serve, load it for --minutes while SIGKILLing "

@@ -347,6 +347,49 @@ def _timestamp(path: str, line: int, v: str | None) -> float:
 
 
 # -- arrival processes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    workload: str  # a synthetic workload's name
+    rate: float  # Poisson arrivals per second
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> Phase:
+        """WORKLOAD:RATE:SECONDS, e.g. prefill-heavy:0.2:150."""
+        parts = text.strip().split(":")
+        try:
+            name, rate, secs = parts[0], float(parts[1]), float(parts[2])
+            if len(parts) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"a phase is WORKLOAD:RATE:SECONDS (e.g. prefill-heavy:0.2:150), "
+                             f"got {text!r}") from None
+        if name not in WORKLOADS:
+            raise ValueError(f"unknown workload {name!r} in phase {text!r}: choose one of "
+                             f"{sorted(WORKLOADS)}")
+        if not (rate > 0 and secs > 0 and math.isfinite(rate) and math.isfinite(secs)):
+            raise ValueError(f"a phase's rate and seconds must be > 0, got {text!r}")
+        return cls(name, rate, secs)
+
+
+def phased(phases: list[Phase], seed: int = 0, vocab: tuple[int, int] = DEFAULT_VOCAB,
+           caps: Caps = Caps()) -> list[RequestSpec]:
+    """Traffic whose shape changes: each phase's Poisson arrivals at its rate for its seconds,
+    one after the other, lengths drawn from its workload (seeded per phase: the same phase at
+    the same place gives the same requests); meta["phase"] numbers them from 0."""
+    specs, t0 = [], 0.0
+    for k, ph in enumerate(phases):
+        rng = np.random.default_rng([seed, 11, k])
+        times, t = [], rng.exponential(1 / ph.rate)
+        while t < ph.seconds:
+            times.append(t0 + t)
+            t += rng.exponential(1 / ph.rate)
+        for s, at in zip(synthetic(ph.workload, len(times), seed * 1000 + k, vocab, caps), times):
+            specs.append(dataclasses.replace(s, arrival_s=at, meta={**s.meta, "phase": k}))
+        t0 += ph.seconds
+    return specs
+
+
 def gamma(rate: float, cv: float, n: int, seed: int = 0) -> list[float]:
     """n arrival times (s) with gamma inter-arrival gaps of mean 1/rate and coefficient of
     variation cv: shape 1/cv^2, scale cv^2/rate. cv = 1 is Poisson; cv > 1 is burstier. The

@@ -102,6 +102,9 @@ class Conductor:
         self.ctx = zmq.asyncio.Context()
         self.sock = None
         self._role_answers: dict[str, asyncio.Future] = {}  # worker id -> its RoleSet
+        # told of every request: on_arrival(now, prompt_len, max_tokens) once routed, and
+        # on_finish(now, ok, ttft_s, tpot_s) at its end (server/planner_loop.py), or None
+        self.observer = None
         # every role change taken or refused: {"t", "worker_id", "from", "to", "ok",
         # "drain_s", "reason"} (the caller's reason; the worker's, when it refused)
         self.role_changes: list[dict] = []
@@ -264,9 +267,15 @@ class Conductor:
         `priority` (lower: more important)."""
         wp = M.Params.of(params)  # everything that can fail before the route is taken
         s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
-        t = self.state.route(request_id, len(prompt_token_ids), time.monotonic(),
+        t0 = time.monotonic()
+        t = self.state.route(request_id, len(prompt_token_ids), t0,
                              max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority)
         self._streams[request_id] = s
+        obs = self.observer
+        if obs is not None:
+            obs.on_arrival(t0, len(prompt_token_ids), params.max_tokens)
+        t_first = t_last = None
+        n_out, ok = 0, False
         if t.worker is not None:
             self._send(t.worker, M.Generate(request_id, s.prompt, wp, t.views[t.worker].epoch),
                        request_id)
@@ -281,15 +290,22 @@ class Conductor:
                     s.done = True  # every side is told to let go (idempotent where it did)
                     self._abort(request_id)
                     raise item
+                if obs is not None and item.new_token_ids:
+                    t_last = time.monotonic()
+                    t_first = t_first or t_last
+                    n_out += len(item.new_token_ids)
                 yield item
                 if item.finished:
-                    s.done = True
+                    s.done = ok = True
                     return
         finally:
             if not s.done:
                 self._abort(request_id)
             self._streams.pop(request_id, None)
             self.state.finish(request_id)
+            if obs is not None:
+                tpot = (t_last - t_first) / (n_out - 1) if n_out > 1 else None
+                obs.on_finish(time.monotonic(), ok, t_first - t0 if t_first else None, tpot)
 
     def _fail(self, request_id: str, message: str) -> None:
         s = self._streams.get(request_id)

@@ -169,6 +169,45 @@ def local_prefill_policy(a):
     return policy
 
 
+def planner_candidates(a, n_workers: int) -> dict:
+    """The deployments the online planner chooses between, on serve's engine settings:
+    n co-located workers, and every P prefill + D decode split of them (serve's local-prefill
+    setting)."""
+    from dataclasses import replace
+
+    from splitserve.bench.deployments import parse_deployment
+
+    names = [f"colocated:{n_workers}"] + [
+        f"{p}:{n_workers - p}" + (":pure" if a.local_prefill == "off" else "")
+        for p in range(1, n_workers)]
+    return {n: replace(parse_deployment(n), max_num_batched_tokens=a.max_num_batched_tokens,
+                       chunked_prefill=not a.no_chunked_prefill) for n in names}
+
+
+def build_planner(a, conductor, roles: list[str], local_prefill):
+    """serve --planner auto: a PlannerLoop (server/planner_loop.py), or None."""
+    if a.planner == "off":
+        return None
+    from splitserve.plan.online import OnlinePlanner, SimEvaluator
+    from splitserve.server.planner_loop import PlannerLoop
+    from splitserve.sim.run import SimSettings
+
+    deps = planner_candidates(a, len(roles))
+    settings = SimSettings(max_num_seqs=a.max_num_seqs, local_prefill_chunk=a.local_prefill_chunk,
+                           kv_cache_gb=a.kv_cache_gb)
+    from splitserve.router.policies import SloLocalPrefill
+
+    lp = local_prefill if isinstance(local_prefill, SloLocalPrefill) else None
+    evaluate = SimEvaluator(deps, cost_model(a).latency, a.ttft_slo, a.tpot_slo, settings, lp)
+    planner = OnlinePlanner({n: d.roles for n, d in deps.items()}, evaluate,
+                            window_s=a.planner_window, interval_s=a.planner_interval,
+                            margin=a.planner_margin, patience=a.planner_patience,
+                            min_dwell_s=a.planner_min_dwell)
+    log.warning("planner auto: choosing between %s every %g s on the last %g s of traffic",
+                ", ".join(deps), a.planner_interval, a.planner_window)
+    return PlannerLoop(conductor, planner, a.ttft_slo, a.tpot_slo)
+
+
 def chunk_flag(chunk: int | tuple[int, ...]) -> str:
     return str(chunk) if isinstance(chunk, int) else ",".join(map(str, chunk))
 
@@ -207,6 +246,8 @@ async def run_deployment(a) -> int:
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
     app = build_app(conductor, served, api_key=a.api_key)
+    planner = build_planner(a, conductor, roles, local_prefill)
+    app.state.planner = planner
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=2), conductor, a.drain_timeout)
 
@@ -227,6 +268,8 @@ async def run_deployment(a) -> int:
         log.warning("serve starts %s; requests get 503 until prefill and decode workers join "
                     "(splitserve worker --router %s)", ", ".join(roles) or "no worker", conductor.addr)
     tasks = [asyncio.create_task(announce()), asyncio.create_task(supervisor.run())]
+    if planner is not None:
+        tasks.append(asyncio.create_task(planner.run()))
     try:
         await server.serve()
     finally:
@@ -286,6 +329,22 @@ def add_serve_args(p) -> None:
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests in flight per worker beyond which new ones get 429 (every mode; "
                         "0: unbounded)")
+    g = p.add_argument_group("online planner (plan/online.py)")
+    g.add_argument("--planner", default="off", choices=["off", "auto"],
+                   help="auto: every --planner-interval, simulate the last --planner-window of "
+                        "traffic on every split of the workers (co-located, P:D) and re-role "
+                        "workers to the one that meets the SLOs best (needs --ttft-slo, "
+                        "--tpot-slo, --latency-model; workers start --reroleable); off: the "
+                        "deployment stays as started")
+    g.add_argument("--planner-interval", type=float, default=10.0, help="seconds between decisions")
+    g.add_argument("--planner-window", type=float, default=60.0,
+                   help="seconds of past arrivals each decision simulates")
+    g.add_argument("--planner-margin", type=float, default=0.05,
+                   help="predicted attainment a split must gain over the current one to switch")
+    g.add_argument("--planner-patience", type=int, default=2,
+                   help="decisions in a row a split must lead by the margin before a switch")
+    g.add_argument("--planner-min-dwell", type=float, default=30.0,
+                   help="seconds after a switch before the next one")
     p.add_argument("--log-level", default="warning")
 
 
@@ -341,10 +400,25 @@ def run_serve(a) -> int:
     for flag, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise SystemExit(f"{flag} must be a positive number of seconds, got {v:g}")
-    if a.admission == "off" and a.local_prefill != "slo" and (
+    if a.admission == "off" and a.local_prefill != "slo" and a.planner == "off" and (
             a.ttft_slo is not None or a.tpot_slo is not None or a.latency_model is not None):
         log.warning("--ttft-slo, --tpot-slo and --latency-model do nothing without --admission "
                     "reactive|predictive or --local-prefill slo")
+    if a.planner != "off":
+        missing = [f for f, v in (("--ttft-slo", a.ttft_slo), ("--tpot-slo", a.tpot_slo),
+                                  ("--latency-model", a.latency_model)) if v is None]
+        if missing:
+            raise SystemExit(f"--planner {a.planner} needs {', '.join(missing)}")
+        n = a.colocated or a.prefill + a.decode
+        if n < 2:
+            raise SystemExit(f"--planner {a.planner} needs 2 workers or more to split, got {n}")
+        for flag, v in (("--planner-interval", a.planner_interval),
+                        ("--planner-window", a.planner_window)):
+            if not (math.isfinite(v) and v > 0):
+                raise SystemExit(f"{flag} must be > 0 seconds, got {v:g}")
+        if not 0 <= a.planner_margin < 1 or a.planner_patience < 1 or a.planner_min_dwell < 0:
+            raise SystemExit("need 0 <= --planner-margin < 1, --planner-patience >= 1 and "
+                             "--planner-min-dwell >= 0")
     if a.max_restarts is not None and a.max_restarts < 0:
         raise SystemExit(f"--max-restarts must be >= 0 (0: never restart), got {a.max_restarts}")
     try:
