@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from splitserve.errors import ServiceUnavailable
 from splitserve.plan.online import Arrival, OnlinePlanner, SimEvaluator, plan_flips
 
 CANDS = {"colocated:2": ["colocated", "colocated"], "1:1": ["prefill", "decode"]}
@@ -77,30 +76,30 @@ def test_flips_keep_roles_that_fit_and_put_the_drain_free_ones_first():
 
 
 class FakeConductor:
-    """set_role refuses, as the router does, a drain that would leave only prefill workers to
-    route to (a decode worker takes whole requests while another worker drains)."""
+    """The router's own state (RouterState: which drains it allows) behind set_role; the
+    worker's answer is immediate."""
 
     def __init__(self, roles: dict[str, str]):
-        self.roles = roles
+        from splitserve.router.state import RouterState
+
+        self.state = RouterState()  # local prefill off, as strict as it gets
+        for wid, role in roles.items():
+            self.state.add_worker(wid, role, 100, 0.0)
         self.calls: list[tuple[str, str]] = []
         self.observer = None
-        self.state = self
 
-    def live(self):
-        from types import SimpleNamespace
-
-        return [SimpleNamespace(worker_id=w, role=r) for w, r in self.roles.items()]
+    @property
+    def roles(self) -> dict[str, str]:
+        return {w.worker_id: w.role for w in self.state.live()}
 
     def is_ready(self):
-        return True
+        return self.state.is_ready()
 
     async def set_role(self, wid, role, reason=""):
         self.calls.append((wid, role))
-        others = {r for w, r in self.roles.items() if w != wid}
-        drains = (self.roles[wid], role) != ("colocated", "decode")
-        if drains and others <= {"prefill"}:
-            raise ServiceUnavailable("the other workers could not serve them meanwhile")
-        self.roles[wid] = role
+        epoch = self.state.begin_rerole(wid, role)  # raises as the router would
+        assert self.state.drained(wid)
+        self.state.rerole_done(wid, role, epoch)
         return {}
 
 
@@ -127,6 +126,16 @@ def test_the_server_loop_applies_a_switch_in_an_order_that_keeps_serving():
     assert asyncio.run(loop.apply(["prefill", "decode"], "test"))
     assert c.calls == [("decode-1", "decode"), ("prefill-0", "prefill")]
     assert loop.decisions[0]["target"] == "colocated:2"
+    # exported: the decisions and the last predictions
+    from splitserve.server.metrics import WorkerCollector
+
+    c.role_changes, c.worker_stats = [], lambda: []
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in WorkerCollector(c).collect() for x in fam.samples}
+    assert samples[("splitserve_planner_decisions_total", (("action", "switch"),))] == 1
+    assert samples[("splitserve_planner_decisions_total", (("action", "stay"),))] == 0
+    assert samples[("splitserve_planner_predicted_attainment",
+                    (("deployment", "colocated:2"),))] == 1.0
 
 
 class CpuLike:

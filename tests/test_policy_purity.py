@@ -13,6 +13,7 @@ POLICY_MODULES = [
     "splitserve.engine.core", "splitserve.engine.scheduler", "splitserve.kv.manager",
     "splitserve.kv.block_pool", "splitserve.disagg.handover", "splitserve.router.state",
     "splitserve.router.policies", "splitserve.router.admission", "splitserve.router.reroling",
+    "splitserve.plan.online",
     "splitserve.sim.simulation", "splitserve.sim.worker",
     "splitserve.sim.events", "splitserve.sim.kvlink", "splitserve.sim.latency.registry",
     "splitserve.sim.latency.distserve", "splitserve.sim.latency.roofline",

@@ -90,16 +90,27 @@ def test_changes_that_would_leave_nothing_to_serve_or_make_no_sense_are_refused(
         s.begin_rerole("x", "decode")
     with pytest.raises(InvalidRequestError, match="role must be"):
         s.begin_rerole("p0", "router")
-    s.begin_rerole("p0", "decode")
-    with pytest.raises(InvalidRequestError, match="already becoming decode"):
-        s.begin_rerole("p0", "colocated")
-    s.rerole_done("p0", "decode", 2, ok=False)  # refused: it stays what it was
+    s.begin_rerole("p0", "colocated")
+    with pytest.raises(InvalidRequestError, match="already becoming colocated"):
+        s.begin_rerole("p0", "decode")
+    s.rerole_done("p0", "colocated", 2, ok=False)  # refused: it stays what it was
     assert s.workers["p0"].role == "prefill" and not s.workers["p0"].draining
     # a colocated worker becoming decode carries everything on: never stops taking requests
-    c = RouterState()
+    # (with local prefill: a decode worker alone prefills every request itself)
+    from splitserve.router.policies import LocalPrefill
+
+    c = RouterState(LocalPrefill())
     c.add_worker("c0", "colocated", 100, 0.0)
     c.begin_rerole("c0", "decode")
     assert not c.workers["c0"].draining and c.route("r", 10, 0.0).worker == "c0"
+    # without local prefill, a lone decode worker would 503 everything after the flip
+    c = RouterState()
+    c.add_worker("c0", "colocated", 100, 0.0)
+    with pytest.raises(ServiceUnavailable, match="no route"):
+        c.begin_rerole("c0", "decode")
+    s = _pd()
+    with pytest.raises(ServiceUnavailable, match="no route"):
+        s.begin_rerole("p0", "decode")  # drains fine, but leaves decode workers only
 
 
 # -- through real processes -------------------------------------------------------------------
@@ -198,6 +209,8 @@ def test_workers_change_role_under_load_and_every_request_finishes_as_offline(
         assert all(w["kv_blocks_used"] == 0 and w["integrity_errors"] == 0 and w["alive"]
                    for w in ws), ws
         assert all(w["role_changes"] == 2 for w in ws), ws
+        metrics = httpx.get(s.url + "/metrics", timeout=5).text
+        assert 'splitserve_role_changes_total{from="prefill",outcome="ok",to="colocated"} 1.0' in metrics
         # bad requests: an unknown role and worker are a 400 naming them; nothing changes
         r = httpx.post(s.url + "/admin/role", json={"worker_id": "decode-1", "role": "router"})
         assert r.status_code == 400 and "role must be" in r.json()["error"]["message"]
@@ -209,13 +222,62 @@ def test_workers_change_role_under_load_and_every_request_finishes_as_offline(
         s.close()
 
 
-@pytest.mark.real_model
-def test_a_worker_started_without_reroleable_refuses(real_model_path):
-    from serving_harness import Server
+def test_a_worker_started_without_reroleable_refuses():
+    """Model-free: the conductor refuses by name before anything is drained."""
+    import asyncio
+    from types import SimpleNamespace
 
-    s = Server("--colocated", "1")
+    from splitserve.router.conductor import Conductor, WorkerHandle
+
+    c = Conductor()
     try:
-        r = httpx.post(s.url + "/admin/role", json={"worker_id": "colocated-0", "role": "decode"})
-        assert r.status_code == 400 and "--reroleable" in r.json()["error"]["message"]
+        view = c.state.add_worker("colocated-0", "colocated", 100, 0.0)
+        c.workers["colocated-0"] = WorkerHandle(SimpleNamespace(reroleable=False), view)
+        with pytest.raises(InvalidRequestError, match="--reroleable"):
+            asyncio.run(c.set_role("colocated-0", "decode"))
+        assert view.rerole is None and not view.draining and c.role_changes == []
     finally:
-        s.close()
+        c.ctx.term()
+
+
+def test_the_answer_is_applied_before_the_next_message_under_the_new_epoch():
+    """Model-free, the conductor's side of a flip: the RoleSet and the worker's first output
+    under the new epoch arrive back to back (one socket); the output must reach the request's
+    stream, not be dropped as another epoch's. A refusal keeps the old role and epoch."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from splitserve.disagg import messages as M
+    from splitserve.router.conductor import Conductor, WorkerHandle, _Stream
+
+    async def main():
+        c = Conductor()
+        try:
+            view = c.state.add_worker("w0", "colocated", 100, 0.0)
+            c.workers["w0"] = WorkerHandle(SimpleNamespace(reroleable=True, role="colocated"), view)
+            c.state.route("r", 10, 0.0)
+            c._streams["r"] = s = _Stream([1] * 10, None, asyncio.Queue())
+            c._send = lambda *a, **k: True  # (no socket)
+            task = asyncio.create_task(c.set_role("w0", "decode", reason="test"))
+            await asyncio.sleep(0.05)
+            assert view.rerole == ("decode", 2)
+            c._handle("w0", M.RoleSet("decode", 2, True, epoch=2))
+            c._handle("w0", M.Outputs([M.Delta("r", [5], "x", False)], epoch=2))
+            assert s.queue.qsize() == 1  # counted under the new epoch
+            c._handle("w0", M.Outputs([M.Delta("r", [6], "y", False)], epoch=1))
+            assert s.queue.qsize() == 1  # the old epoch after the flip: stale
+            rec = await task
+            assert (rec["from"], rec["to"], rec["ok"]) == ("colocated", "decode", True)
+            assert (view.role, view.epoch, c.workers["w0"].info.role) == ("decode", 2, "decode")
+            # refused: stays decode at epoch 2
+            c.state.add_worker("c1", "colocated", 100, 0.0)  # (so that w0 may drain)
+            task = asyncio.create_task(c.set_role("w0", "colocated"))
+            await asyncio.sleep(0.05)
+            c._handle("w0", M.RoleSet("colocated", 3, False, "busy", epoch=2))
+            with pytest.raises(Exception, match="refused to become colocated: busy"):
+                await task
+            assert (view.role, view.epoch, view.rerole, view.draining) == ("decode", 2, None, False)
+        finally:
+            c.ctx.term()
+
+    asyncio.run(main())

@@ -37,6 +37,9 @@ from splitserve.router.reroling import blocker
 log = logging.getLogger("splitserve.worker")
 
 HEARTBEAT_S = 0.5
+# a role change waits this long for what the router no longer counts but this worker still
+# holds (a fenced reservation is freed within DecodeSide.fence_max_s, 60 s)
+ROLE_WAIT_S = 75.0
 
 
 def host_identity() -> str:
@@ -153,6 +156,7 @@ class Worker:
         if self.role == "prefill" or cfg.reroleable:
             eng.kv_layer_hook = self._on_layer  # (acts only on the requests it hands over)
         self.role_changes = 0
+        self._role_wanted: tuple[M.SetRole, float] | None = None  # a SetRole waiting (see there)
 
     # -- set-up ----------------------------------------------------------------------------
     def _scheduler_config(self, role: str):
@@ -335,6 +339,8 @@ class Worker:
                     self._drain_data()
                 if self.role == "decode":
                     self._decode_housekeeping(time.monotonic())
+                if self._role_wanted is not None:
+                    self._try_set_role()
                 if self.engine.has_unfinished():
                     self._step()
                 now = time.monotonic()
@@ -491,32 +497,53 @@ class Worker:
         return False
 
     def _on_set_role(self, msg: M.SetRole) -> None:
-        """Become msg.role if what this worker holds carries on there (router/reroling.py);
-        answer under the new epoch, or refuse under the old one."""
+        self._role_wanted = (msg, time.monotonic())
+        self._try_set_role()
+
+    def _try_set_role(self) -> None:
+        """Become the asked role if what this worker holds carries on there
+        (router/reroling.py), answering under the new epoch; or refuse under the old one. What
+        it holds that the new role cannot carry and the router no longer counts (a reservation
+        fenced until its writer's KVFence, a prefilled prompt not yet released) is waited for,
+        up to ROLE_WAIT_S, re-checked every loop."""
+        msg, since = self._role_wanted
         old = self.role
-        why = None if self.cfg.reroleable else (
-            "it was started without --reroleable (no decode data socket / prefill writer)")
-        if why is None:
-            try:
+        try:
+            why = None
+            if not self.cfg.reroleable:
+                why = "it was started without --reroleable (no decode data socket / prefill writer)"
+            elif msg.epoch <= self.epoch:
+                why = f"epoch {msg.epoch} is not after this worker's {self.epoch} (a stale request)"
+            else:
                 pending = len(self.decode_side.pending)
-                why = blocker(old, msg.role, requests=len(self.engine.request_ids()) + pending,
-                              handovers=pending + len(self.decode_side.reservations))
-            except ValueError as e:
-                why = str(e)
+                held = blocker(old, msg.role, requests=len(self.engine.request_ids()) + pending,
+                               handovers=pending + len(self.decode_side.reservations))
+                if held is not None and time.monotonic() - since < ROLE_WAIT_S:
+                    return  # not yet: the next loop looks again
+                why = held
+            if why is None:
+                eng = self.engine
+                config = self._scheduler_config(msg.role)
+                policy = self.cfg.prefill_policy if msg.role == "decode" else None
+                eng.core.set_role(config, self._caching_for(msg.role))
+                eng.scheduler.prefill_policy = policy
+                self.role, self.epoch = msg.role, msg.epoch
+                self.epochs.add(msg.epoch)
+        except ValueError as e:  # (an unknown role)
+            why = str(e)
+        except Exception as e:  # never leave the router waiting for an answer
+            log.exception("changing role to %s", msg.role)
+            why = f"{type(e).__name__}: {e}"
+        self._role_wanted = None
         if why is not None:
             log.warning("refused to become %s: %s", msg.role, why)
             self._send(M.RoleSet(msg.role, msg.epoch, False, why))
             return
-        eng = self.engine
-        eng.core.set_role(self._scheduler_config(msg.role), self._caching_for(msg.role))
-        eng.scheduler.prefill_policy = self.cfg.prefill_policy if msg.role == "decode" else None
-        self.role, self.epoch = msg.role, msg.epoch
-        self.epochs.add(msg.epoch)
         self.role_changes += 1
         self.stats.role_changes = self.role_changes
         self._send(M.RoleSet(msg.role, msg.epoch, True))
         log.warning("changed role %s -> %s (epoch %d); carrying on %d request(s)", old, msg.role,
-                    msg.epoch, len(eng.request_ids()))
+                    msg.epoch, len(self.engine.request_ids()))
 
     def _on_generate(self, msg: M.Generate) -> None:
         """The whole request here: a co-located worker's, or a decode worker's own prefill."""

@@ -47,6 +47,7 @@ class Finished:
     ttft_s: float | None  # from arrival at the router: the queue included
     met: bool  # within both SLOs
     tpot_s: float | None = None
+    n_out: int | None = None  # tokens it generated
 
 
 @dataclass
@@ -98,6 +99,7 @@ class OnlinePlanner:
         self.last_switch: float = -math.inf
         self.decisions: deque[Decision] = deque(maxlen=keep)
         self.switches = 0
+        self.decided = 0  # decisions made (decisions keeps the last `keep`)
         self.scale = 1.0  # step times' calibration to what the server measures
         self._tpot_pred: dict[str, float | None] = {}
 
@@ -107,8 +109,8 @@ class OnlinePlanner:
         self._forget(now)
 
     def on_finish(self, now: float, ttft_s: float | None, met: bool,
-                  tpot_s: float | None = None) -> None:
-        self._finished.append(Finished(now, ttft_s, met, tpot_s))
+                  tpot_s: float | None = None, n_out: int | None = None) -> None:
+        self._finished.append(Finished(now, ttft_s, met, tpot_s, n_out))
 
     def _forget(self, now: float) -> None:
         for q, keep in ((self._arrivals, self.window_s + self.warmup_s),
@@ -131,17 +133,31 @@ class OnlinePlanner:
         return [a for a in arrivals if a.t >= now - self.window_s]
 
     def predict(self, arrivals: list[Arrival], now: float) -> dict[str, float]:
+        """Every candidate's predicted attainment on the window (empty: too few arrivals).
+        An arrival's output is its max_tokens, capped at the longest output a finished
+        request of the window generated (a chat request without max_tokens may ask for the
+        whole context and stop at a few hundred)."""
+        self._tpot_pred = {}
         if len(self._scored(now, arrivals)) < self.min_requests:
             return {}
-        out, self._tpot_pred = {}, {}
+        outs = [f.n_out for f in self._finished if f.n_out]
+        if len(outs) >= self.min_requests:
+            cap = max(outs)
+            arrivals = [a if a.max_tokens <= cap else Arrival(a.t, a.prompt_len, cap)
+                        for a in arrivals]
+        out = {}
         for name in self.candidates:
             out[name], self._tpot_pred[name] = self.evaluate(arrivals, name, self.scale,
                                                              now - self.window_s)
         return out
 
-    def _calibrate(self, current: str | None, observed: dict) -> None:
-        """Move `scale` halfway (in log) toward measured / predicted median TPOT."""
-        pred, meas = self._tpot_pred.get(current), observed.get("tpot_p50")
+    def _calibrate(self, now: float, current: str | None, observed: dict) -> None:
+        """Move `scale` halfway (in log) toward measured / predicted median TPOT — once per
+        prediction (predict() made it at this scale), and only when the window's finished
+        requests were served by the current deployment (a window after the last switch)."""
+        pred, meas = self._tpot_pred.pop(current, None), observed.get("tpot_p50")
+        if now - self.last_switch < self.window_s:
+            return
         if pred and meas and observed["finished"] >= self.min_requests:
             self.scale = min(3.0, max(0.5, self.scale * math.sqrt(meas / pred)))
 
@@ -151,7 +167,7 @@ class OnlinePlanner:
         window = self._scored(now, arrivals)
         d = Decision(now, current, None, "", predicted, self._observed(now, window))
         d.observed["scale"] = round(self.scale, 3)  # (the one the predictions used)
-        self._calibrate(current, d.observed)
+        self._calibrate(now, current, d.observed)
         if current is None:
             d.reason = "the live roles match no candidate (a change under way, or a worker down)"
         elif not predicted:
@@ -179,6 +195,7 @@ class OnlinePlanner:
                     self.last_switch = now
                     self.switches += 1
         self.decisions.append(d)
+        self.decided += 1
         return d
 
     def _observed(self, now: float, window: list[Arrival]) -> dict:

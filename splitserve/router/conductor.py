@@ -101,10 +101,12 @@ class Conductor:
         self.restarting: dict[str, dict] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock = None
-        self._role_answers: dict[str, asyncio.Future] = {}  # worker id -> its RoleSet
+        self._role_answers: dict[str, asyncio.Future] = {}  # worker id -> its change's record
+        self._role_pending: dict[str, dict] = {}  # worker id -> the change it was asked for
         # told of every request: on_arrival(now, prompt_len, max_tokens) once routed, and
-        # on_finish(now, ok, ttft_s, tpot_s) at its end (server/planner_loop.py), or None
+        # on_finish(now, ok, ttft_s, tpot_s, tokens out) at its end (server/planner_loop.py), or None
         self.observer = None
+        self.planner = None  # server/planner_loop.PlannerLoop with serve --planner auto
         # every role change taken or refused: {"t", "worker_id", "from", "to", "ok",
         # "drain_s", "reason"} (the caller's reason; the worker's, when it refused)
         self.role_changes: list[dict] = []
@@ -305,7 +307,8 @@ class Conductor:
             self.state.finish(request_id)
             if obs is not None:
                 tpot = (t_last - t_first) / (n_out - 1) if n_out > 1 else None
-                obs.on_finish(time.monotonic(), ok, t_first - t0 if t_first else None, tpot)
+                obs.on_finish(time.monotonic(), ok, t_first - t0 if t_first else None, tpot,
+                              n_out)
 
     def _fail(self, request_id: str, message: str) -> None:
         s = self._streams.get(request_id)
@@ -350,16 +353,21 @@ class Conductor:
         if not w.info.reroleable:
             raise InvalidRequestError(f"worker {worker_id} was started without --reroleable: it "
                                       "cannot change role while it runs", param="worker_id")
-        old = w.view.role
+        view = w.view
+        if view.rerole is not None:
+            raise InvalidRequestError(f"worker {worker_id} is already becoming {view.rerole[0]}")
+        old = view.role
         if role == old:
             return {"t": time.time(), "worker_id": worker_id, "from": old, "to": role, "ok": True,
                     "drain_s": 0.0, "reason": reason}
         epoch = self.state.begin_rerole(worker_id, role)
         t0 = time.monotonic()
         try:
-            while not self.state.drained(worker_id):
-                if not w.alive:
+            while True:
+                if not view.alive or self.state.workers.get(worker_id) is not view:
                     raise RequestFailed(f"worker {worker_id} died while draining to become {role}")
+                if self.state.drained(worker_id):
+                    break
                 if time.monotonic() - t0 > drain_timeout_s:
                     raise ServiceUnavailable(f"worker {worker_id} did not finish its requests "
                                              f"within {drain_timeout_s:g} s; it stays {old}")
@@ -367,37 +375,57 @@ class Conductor:
         except BaseException:
             self.state.cancel_rerole(worker_id)
             raise
-        drain_s = time.monotonic() - t0
-        # From here the worker may flip at any moment: wait for its answer (or its death)
-        # rather than time out and guess which role it has.
-        fut = self._role_answers[worker_id] = asyncio.get_running_loop().create_future()
-        try:
-            self._send(worker_id, M.SetRole(role, epoch))
-            while not fut.done():
-                if not w.alive:
-                    raise RequestFailed(f"worker {worker_id} died while becoming {role}")
-                await asyncio.wait([fut], timeout=0.1)
-        finally:
-            self._role_answers.pop(worker_id, None)
-            if not fut.done():
-                self.state.cancel_rerole(worker_id)
-        ans: M.RoleSet = fut.result()
-        ok = ans.ok and ans.role == role and ans.new_epoch == epoch == ans.epoch
-        self.state.rerole_done(worker_id, role, epoch, ok)
-        rec = {"t": time.time(), "worker_id": worker_id, "from": old, "to": role, "ok": ok,
-               "drain_s": round(drain_s, 3), "reason": reason if ok else ans.reason}
-        self.role_changes.append(rec)
-        if not ok:
-            log.error("worker %s refused to become %s: %s", worker_id, role, ans.reason)
-            raise RequestFailed(f"worker {worker_id} refused to become {role}: {ans.reason}")
-        w.info.role = role
-        if old == "decode":  # the prefill workers' connections to its data socket go
-            for other in self.workers.values():
-                if other.alive and other is not w:
-                    self._send(other.info.worker_id, M.PeerGone(worker_id))
-        log.warning("worker %s: %s -> %s (epoch %d, drained in %.2f s)%s", worker_id, old, role,
-                    epoch, drain_s, f": {reason}" if reason else "")
+        # From here the worker may flip at any moment. Its answer is applied where it is
+        # received (_role_set), before any message it sends under the new epoch is looked at;
+        # the change is never given up here (not on cancellation either): the router would
+        # then drop what the flipped worker says.
+        fut = asyncio.get_running_loop().create_future()
+        self._role_answers[worker_id] = fut
+        self._role_pending[worker_id] = {"worker_id": worker_id, "from": old, "to": role,
+                                         "drain_s": round(time.monotonic() - t0, 3),
+                                         "reason": reason}
+        self._send(worker_id, M.SetRole(role, epoch))
+        while not fut.done():
+            if not view.alive:
+                self._role_answers.pop(worker_id, None)
+                self._role_pending.pop(worker_id, None)
+                raise RequestFailed(f"worker {worker_id} died while becoming {role}")
+            await asyncio.wait([fut], timeout=0.1)
+        rec = fut.result()
+        if not rec["ok"]:
+            raise RequestFailed(f"worker {worker_id} refused to become {role}: {rec['reason']}")
         return rec
+
+    def _role_set(self, wid: str, msg: M.RoleSet) -> None:
+        """A worker's answer to SetRole: applied at once (a flipped worker's next message,
+        under the new epoch, may be the very next one on the socket)."""
+        w = self.workers.get(wid)
+        v = w.view if w is not None else None
+        if v is None or not v.alive or v.rerole != (msg.role, msg.new_epoch):
+            return  # not the change under way (a previous incarnation's, or a stray)
+        ok = msg.ok and msg.epoch == msg.new_epoch
+        if not ok and msg.epoch != v.epoch:
+            return  # a refusal comes under the old epoch
+        old = v.role
+        self.state.rerole_done(wid, msg.role, msg.new_epoch, ok)
+        rec = {"t": time.time(), **self._role_pending.pop(wid, {"worker_id": wid, "from": old,
+                                                               "to": msg.role, "drain_s": None,
+                                                               "reason": ""}), "ok": ok}
+        if not ok:
+            rec["reason"] = msg.reason
+            log.error("worker %s refused to become %s: %s", wid, msg.role, msg.reason)
+        else:
+            w.info.role = msg.role
+            if old == "decode":  # the prefill workers' connections to its data socket go
+                for other in self.workers.values():
+                    if other.alive and other is not w:
+                        self._send(other.info.worker_id, M.PeerGone(wid))
+            log.warning("worker %s: %s -> %s (epoch %d, drained in %s s)%s", wid, old, msg.role,
+                        msg.new_epoch, rec["drain_s"], f": {rec['reason']}" if rec["reason"] else "")
+        self.role_changes.append(rec)
+        fut = self._role_answers.pop(wid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(rec)
 
     # -- messages from workers ---------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -425,9 +453,7 @@ class Conductor:
             self._register(wid, msg)
             return
         if isinstance(msg, M.RoleSet):  # (under the new epoch when taken: before the check)
-            fut = self._role_answers.get(wid)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            self._role_set(wid, msg)
             return
         w = self.workers.get(wid)
         if w is None or not w.alive or msg.epoch != w.view.epoch:

@@ -195,6 +195,13 @@ class RouterState:
         if drain and not self.is_ready(but=worker_id):
             raise ServiceUnavailable(f"worker {worker_id} cannot stop taking requests now: the "
                                      "other workers could not serve them meanwhile")
+        after = {v.role for v in self.workers.values()
+                 if v.alive and not v.draining and v.worker_id != worker_id} | {role}
+        if not ("colocated" in after or ("decode" in after and (
+                "prefill" in after or self.local_prefill is not None))):
+            raise ServiceUnavailable(f"worker {worker_id} as {role} would leave no route for "
+                                     f"requests ({', '.join(sorted(after))} workers"
+                                     f"{'' if self.local_prefill else ', local prefill off'})")
         epoch = self.epochs[worker_id] = self.epochs[worker_id] + 1
         w.rerole, w.draining = (role, epoch), drain
         return epoch

@@ -138,6 +138,9 @@ class WorkerCollector:
             "integrity_errors": CounterMetricFamily(
                 "splitserve_worker_integrity_errors", "Failed block-pool integrity checks "
                 "(run when idle; any is a bug)", labels=labels),
+            "role_changes": CounterMetricFamily(
+                "splitserve_worker_role_changes", "Role changes the worker took (SetRole)",
+                labels=labels),
         }
         for s in stats:
             key = [str(s["worker_id"]), str(s["role"])]
@@ -156,3 +159,34 @@ class WorkerCollector:
         yield kv_seconds
         yield kv_transfers
         yield local_prefills
+        yield from self._roles()
+
+    def _roles(self):
+        """The router's role changes and, with serve --planner auto, the planner's decisions."""
+        changes = CounterMetricFamily("splitserve_role_changes", "Role changes by outcome "
+                                      "(ok: taken; refused)", labels=["from", "to", "outcome"])
+        counts: dict = {}
+        for c in getattr(self.conductor, "role_changes", []):
+            k = (c["from"], c["to"], "ok" if c["ok"] else "refused")
+            counts[k] = counts.get(k, 0) + 1
+        for k, n in counts.items():
+            changes.add_metric(list(k), n)
+        yield changes
+        planner = getattr(self.conductor, "planner", None)
+        if planner is None:
+            return
+        p = planner.planner
+        decisions = CounterMetricFamily("splitserve_planner_decisions", "Online planner "
+                                        "decisions (switch: it re-roled workers)", labels=["action"])
+        decisions.add_metric(["switch"], p.switches)
+        decisions.add_metric(["stay"], p.decided - p.switches)
+        yield decisions
+        predicted = GaugeMetricFamily("splitserve_planner_predicted_attainment", "The last "
+                                      "decision's predicted SLO attainment per deployment",
+                                      labels=["deployment"])
+        last = p.decisions[-1] if p.decisions else None
+        for name, v in (last.predicted.items() if last else ()):
+            predicted.add_metric([name], v)
+        yield predicted
+        yield GaugeMetricFamily("splitserve_planner_step_time_scale", "The planner's calibration "
+                                "of simulated step times to the measured TPOT", value=p.scale)

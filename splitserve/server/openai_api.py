@@ -125,7 +125,7 @@ def build_app(conductor, served_model_name: str, api_key: str | None = None,
 async def _json_object(request: Request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(400, "the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

@@ -26,7 +26,8 @@ class PlannerLoop:
         self.conductor, self.planner = conductor, planner
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
         self.errors = 0
-        conductor.observer = self
+        self.target: list[str] | None = None  # the roles of the last switch decided
+        conductor.observer = conductor.planner = self
 
     @property
     def decisions(self) -> list[dict]:
@@ -36,10 +37,11 @@ class PlannerLoop:
     def on_arrival(self, now: float, prompt_len: int, max_tokens: int) -> None:
         self.planner.on_arrival(now, prompt_len, max_tokens)
 
-    def on_finish(self, now: float, ok: bool, ttft_s: float | None, tpot_s: float | None) -> None:
+    def on_finish(self, now: float, ok: bool, ttft_s: float | None, tpot_s: float | None,
+                  n_out: int | None = None) -> None:
         met = ok and ttft_s is not None and ttft_s <= self.ttft_s and (
             tpot_s is None or tpot_s <= self.tpot_s)
-        self.planner.on_finish(now, ttft_s, met, tpot_s)
+        self.planner.on_finish(now, ttft_s, met, tpot_s, n_out)
 
     # -- the loop ----------------------------------------------------------------------------
     def live_roles(self) -> dict[str, str]:
@@ -69,7 +71,11 @@ class PlannerLoop:
                 "(predicted %s; observed %s)", d.current, d.target or "stay", d.reason,
                 {k: round(v, 3) for k, v in d.predicted.items()}, d.observed)
         if d.target:
-            await self.apply(p.candidates[d.target], d.reason)
+            self.target = p.candidates[d.target]
+            await self.apply(self.target, d.reason)
+        elif d.current is None and self.target and len(roles) == len(self.target):
+            # a switch left half done (a flip refused, a drain too long): carry it on
+            await self.apply(self.target, "finishing the last switch")
         return d
 
     async def apply(self, target: list[str], reason: str) -> bool:
