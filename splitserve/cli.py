@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench import load as bench_load
     from splitserve.bench import phases as bench_phases
     from splitserve.bench import soak as bench_soak
+    from splitserve.plan import pareto as plan_pareto
     from splitserve.plan import search as plan_search
     from splitserve.sim import profile as sim_profile
     from splitserve.sim import run as sim_run
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
              "virtual clock) on any bench workload: same report as bench serve"),
             (sub, "plan", plan_search, "choose a deployment by simulated goodput per device: "
              "co-located or P/D splits, parallel layouts, rate matching; prints the serve "
-             "command")):
+             "command"),
+            (sub, "pareto", plan_pareto, "throughput per device vs tokens/s/user across "
+             "co-located and disaggregated deployments of a budget, by simulation (table, PNG)")):
         sp = subs.add_parser(name, help=text)  # each module brings its flags and its main
         module.add_args(sp)
         sp.set_defaults(func=module.main)

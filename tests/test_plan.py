@@ -225,3 +225,44 @@ def test_segment_search_is_distserves_grid_over_layout_pairs():
         per_gpu = per_pair / (c.placement.parts[0][1].tp + c.placement.parts[1][1].tp)
         assert (per_gpu * 64 / 5) == pytest.approx(round(per_gpu * 64 / 5))  # 5 x k / 64
         assert c.devices <= 4
+
+
+# -- the Pareto sweep ---------------------------------------------------------------------------
+def test_pareto_front_keeps_only_the_undominated_points():
+    from splitserve.plan.pareto import Point, front
+
+    def pt(name, tps, thr, ok=True):
+        return Point(name, "x", 1.0, thr, tps, 1.0, ok)
+
+    pts = [pt("a", 50, 10), pt("b", 40, 30), pt("c", 40, 20), pt("d", 30, 25),
+           pt("e", 20, 60), pt("f", 60, 5), pt("g", 70, 99, ok=False), pt("h", None, 1)]
+    assert [p.deployment for p in front(pts)] == ["f", "a", "b", "e"]
+
+
+def test_pareto_sweep_covers_both_families_of_the_budget():
+    from splitserve.plan.pareto import deployments, front, sweep
+
+    names = [d[0] for d in deployments("roofline:h100:llama-3.1-8b", 4, 8)]
+    assert {"colocated:4", "colocated:2 tp2", "colocated:1 tp4", "1:3:pure", "2:1:pure tp1/tp2",
+            "1:1:pure tp2/tp2"} <= set(names)
+    assert all(d[0].count(":") >= 1 for d in deployments("roofline:h100:llama-3.1-8b", 4, 8))
+    lat = CpuLike()
+    import splitserve.plan.pareto as P
+
+    orig = P.latency_for
+    P.latency_for = lambda spec, layout: lat
+    try:
+        points, runs = sweep("cpu-like", 2, isl=512, osl=64, rates_per_device=[0.05, 0.2],
+                             num_requests=12, ttft_slo=30.0)
+    finally:
+        P.latency_for = orig
+    assert runs == 2 * 3  # colocated:2, 1:1:pure, 1:1 at two rates
+    fams = {p.family for p in points}
+    assert fams == {"colocated", "disaggregated"}
+    for fam in fams:
+        f = front([p for p in points if p.family == fam])
+        assert f and all(p.throughput_per_device > 0 and p.tokens_per_s_user > 0 for p in f)
+    # more load, more throughput per device, slower tokens per user (same deployment)
+    co = sorted((p for p in points if p.deployment == "colocated:2"), key=lambda p: p.rate)
+    assert co[1].throughput_per_device > co[0].throughput_per_device
+    assert co[1].tokens_per_s_user <= co[0].tokens_per_s_user
