@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import pytest
+from latency_models import CpuLike
 
 from splitserve.plan.online import Arrival, OnlinePlanner, SimEvaluator, plan_flips
 
@@ -136,22 +137,6 @@ def test_the_server_loop_applies_a_switch_in_an_order_that_keeps_serving():
     assert samples[("splitserve_planner_decisions_total", (("action", "stay"),))] == 0
     assert samples[("splitserve_planner_predicted_attainment",
                     (("deployment", "colocated:2"),))] == 1.0
-
-
-class CpuLike:
-    """This machine's shape, roughly (as tests/test_plan.py's)."""
-
-    name = "cpu-like"
-    model = None
-    gpu = None
-    tp = pp = 1
-
-    def step_time(self, batch) -> float:
-        return (0.030 + 0.0042 * batch.num_prefill_tokens + 0.010 * len(batch.prefill_tokens)
-                + 0.012 * batch.num_decodes)
-
-    def describe(self) -> str:
-        return self.name
 
 
 def test_simulated_predictions_favour_each_split_on_its_own_traffic():

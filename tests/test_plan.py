@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from latency_models import CpuLike
 
 from splitserve.plan.ratematch import Instance, best, match, replicate
 from splitserve.plan.search import Criteria, bisect_rate, latency_for, layouts
@@ -120,21 +121,6 @@ def test_layouts_of_each_family():
 
 
 # -- searches on simulated deployments ---------------------------------------------------------
-class CpuLike:
-    """This machine's shape, roughly (tests/test_slack_chunks.py's): ~4 ms a prompt token, a
-    chunk's own overhead, a lone decode 42 ms, a second one 12 ms more."""
-
-    name = "cpu-like"
-    model = None
-    gpu = None
-    tp = pp = 1
-
-    def step_time(self, batch) -> float:
-        return (0.030 + 0.0042 * batch.num_prefill_tokens + 0.010 * len(batch.prefill_tokens)
-                + 0.012 * batch.num_decodes)
-
-    def describe(self) -> str:
-        return self.name
 
 
 def test_plan_on_one_device_workers_simulates_every_split_whole():
