@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench import compare as bench_compare
     from splitserve.bench import load as bench_load
     from splitserve.bench import phases as bench_phases
+    from splitserve.bench import routing as bench_routing
     from splitserve.bench import soak as bench_soak
     from splitserve.plan import pareto as plan_pareto
     from splitserve.plan import search as plan_search
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             (bsub, "phases", bench_phases, "traffic that changes shape (prefill-heavy, then "
              "decode-heavy, then back) against fixed P/D, fixed co-located and serve --planner "
              "auto, each started here: attainment over time"),
+            (bsub, "routing", bench_routing, "what a cache-aware routing decision costs at 1, "
+             "8, 64 workers with 10^5 cached blocks (µs p50 / p99)"),
             (bsub, "admission", bench_admission, "the router time admission control adds per "
              "request (route() p50 / p99, refused and admitted, vs admission off)"),
             (bsub, "soak", bench_soak, "start serve, load it for --minutes while SIGKILLing "

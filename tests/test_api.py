@@ -153,7 +153,7 @@ def test_completion(client, fake):
     assert body["model"] == MODEL and isinstance(body["created"], int)
     assert body["choices"] == [{"index": 0, "text": "Hello, world", "logprobs": None,
                                 "finish_reason": "length", "stop_reason": None}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 0}}
     rid, ids, params = fake.calls[0]
     assert rid == body["id"] + "-0" and ids == [3, 3, 3]
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (3, 1.0, 1.0, None)
@@ -181,7 +181,7 @@ def test_chat(client, fake):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "".join(REPLY)}
     assert body["choices"][0]["finish_reason"] == "stop"
     prompt_len = 4 + 4  # "be brief" + "hi\nthere", 2 each for the roles
-    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": 13}
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 0}}
     # no max_tokens: the rest of the context
     assert fake.calls[0][2].max_tokens == MAX_LEN - prompt_len
     r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 9, "max_completion_tokens": 2})
@@ -200,7 +200,7 @@ def test_completion_stream_with_usage(client):
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello, world!"
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "length"]
     assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 2, "completion_tokens": 4,
-                                                         "total_tokens": 6}
+                                                         "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 0}}
     assert len({c["id"] for c in ev[:-1]}) == 1
 
 
@@ -221,7 +221,7 @@ def test_n2_and_seed(client, fake):
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert all(c["text"] == "Hello," for c in body["choices"])
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0}}
     assert sorted((rid, p.seed) for rid, _, p in fake.calls) == [(body["id"] + "-0", 5), (body["id"] + "-1", 6)]
 
 

@@ -26,6 +26,9 @@ Control plane (router <-> worker, one ZeroMQ ROUTER socket at the router, a DEAL
     any time:   Abort ─► worker;  worker ─► Failed(request, message)
     role change (router/reroling.py): SetRole(role, new epoch) ─► worker ─► RoleSet (under the
                 new epoch when it took the role)
+    prefix cache (router/prefix_index.py): worker ─► KVEvents(seq 0 = snapshot, after every
+                Welcome; then 1, 2, ... as blocks are cached and evicted); router ─► KVResync
+                when a batch comes out of sequence
 
 Data plane (prefill -> decode, a DEALER at the prefill worker to the decode worker's ROUTER):
     Hello(KV spec) ─► HelloAck(ok | reason);  per chunk: KVProgress, [KVLayer + raw bytes (tcp
@@ -100,6 +103,9 @@ class WorkerStats(msgspec.Struct):
     aborts: int = 0  # requests aborted here (the client went away, or the router said so)
     rejoins: int = 0  # times it lost its router, aborted everything and registered again
     role_changes: int = 0  # SetRole taken (router/reroling.py)
+    # the prefix cache (vLLM's convention): prompt tokens looked up, and found cached
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class DecodePeer(msgspec.Struct, frozen=True):
@@ -135,6 +141,9 @@ class Register(msgspec.Struct, tag=True):
     # it can change role while it runs (SetRole): it has a KV data socket (and pool) for the
     # decode role and the prefill role's writer whatever role it starts in
     reroleable: bool = False
+    # the root of its chained block hashes (kv/hashing.root_hash: model, block size, salt),
+    # hex: the router's prefix index compares hashes, so every worker must share it
+    hash_root: str = ""
 
 
 class Welcome(msgspec.Struct, tag=True):
@@ -249,6 +258,22 @@ class SetRole(msgspec.Struct, tag=True):
     epoch: int
 
 
+class KVEvents(msgspec.Struct, tag=True):
+    """What the worker's prefix cache stored (True, hash) and evicted (False, hash) since its
+    last batch, in order (router/prefix_index.py). `seq` numbers the batches from 0, which is
+    a snapshot (its whole cache: sent after every registration, and on KVResync)."""
+
+    seq: int
+    events: list[tuple[bool, bytes]]
+    snapshot: bool = False
+    epoch: int = 0
+
+
+class KVResync(msgspec.Struct, tag=True):
+    """The router lost track of this worker's cache (a batch out of sequence): send a
+    snapshot."""
+
+
 class RoleSet(msgspec.Struct, tag=True):
     """The answer to SetRole: `ok` under the new epoch (sent with it), or refused (`reason`)
     under the old one."""
@@ -328,6 +353,7 @@ class KVDone(msgspec.Struct, tag=True):
     write_seconds: float
     t_sent: float  # monotonic, prefill worker's clock (same host: comparable)
     transport: str
+    cached_tokens: int = 0  # of the prompt, found in the prefill worker's prefix cache
 
 
 class KVProgress(msgspec.Struct, tag=True):
@@ -344,8 +370,8 @@ class KVFence(msgspec.Struct, tag=True):
 
 
 ToWorker = (Welcome | Ping | Rejoin | Generate | Reserve | Prefill | Abort | PeerGone | Shutdown
-            | SetRole)
-ToRouter = Register | Heartbeat | Reserved | Outputs | Failed | RoleSet
+            | SetRole | KVResync)
+ToRouter = Register | Heartbeat | Reserved | Outputs | Failed | RoleSet | KVEvents
 DataMsg = Hello | HelloAck | KVLayer | KVDone | KVFence | KVProgress
 
 _enc = msgspec.msgpack.Encoder()

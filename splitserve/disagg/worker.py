@@ -150,12 +150,15 @@ class Worker:
         self._handlers = {M.Shutdown: self._on_shutdown, M.Generate: self._on_generate,
                           M.Abort: self._on_abort, M.PeerGone: self._on_peer_gone,
                           M.Prefill: self._on_prefill, M.Reserve: self._on_reserve,
-                          M.SetRole: self._on_set_role}
+                          M.SetRole: self._on_set_role, M.KVResync: self._on_kv_resync}
         if decode_capable:
             self._setup_decode()
         if self.role == "prefill" or cfg.reroleable:
             eng.kv_layer_hook = self._on_layer  # (acts only on the requests it hands over)
         self.role_changes = 0
+        # KV events for the router's prefix index: the pool records them, the loop sends them
+        eng.kv_manager.pool.events = []
+        self.kv_seq = 0
         self._role_wanted: tuple[M.SetRole, float] | None = None  # a SetRole waiting (see there)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -224,7 +227,8 @@ class Worker:
             self.worker_id, self.role, os.getpid(), self.host, eng.model_config.name,
             eng.max_model_len, eng.model_config.vocab_size, self.spec, eng.kv_cache.num_blocks,
             transport, self.receiver.addr if self.receiver else None, self.shm_path,
-            nonce=os.urandom(8).hex(), reroleable=self.cfg.reroleable)
+            nonce=os.urandom(8).hex(), reroleable=self.cfg.reroleable,
+            hash_root=eng.kv_manager.root_hash.hex())
         self._send(register)
         deadline = time.monotonic() + self.cfg.register_timeout_s
         while True:
@@ -257,6 +261,7 @@ class Worker:
         self.router_id = msg.router_id
         self.router_seen = time.monotonic()
         self.registered.set()
+        self._kv_snapshot()
 
     def _rejoin(self) -> None:
         """The router this worker registered with is gone (`router_lost` says how): abort every
@@ -343,6 +348,7 @@ class Worker:
                     self._try_set_role()
                 if self.engine.has_unfinished():
                     self._step()
+                self._flush_kv_events()
                 now = time.monotonic()
                 if now - last_stats >= HEARTBEAT_S:
                     self._update_stats()
@@ -435,9 +441,29 @@ class Worker:
     def _fail(self, request_id: str, message: str) -> None:
         self._send(M.Failed(request_id, message))
 
+    # -- KV events (router/prefix_index.py) --------------------------------------------------
+    def _kv_snapshot(self) -> None:
+        """Batch 0: every hash the pool can hit now (what was recorded before is in it)."""
+        pool = self.engine.kv_manager.pool
+        pool.events.clear()
+        self._send(M.KVEvents(0, [(True, h) for h in pool.cached_hashes()], snapshot=True))
+        self.kv_seq = 1
+
+    def _flush_kv_events(self) -> None:
+        events = self.engine.kv_manager.pool.events
+        if events and self.registered.is_set():
+            self._send(M.KVEvents(self.kv_seq, list(events)))
+            events.clear()
+            self.kv_seq += 1
+
+    def _on_kv_resync(self, msg: M.KVResync) -> None:
+        self._kv_snapshot()
+
     def _update_stats(self) -> None:
         """Refresh the numbers the heartbeat thread sends; when idle, check the block pool."""
         eng, st = self.engine, self.stats
+        st.prefix_cache_queries = eng.kv_manager.num_queried_tokens
+        st.prefix_cache_hits = eng.kv_manager.num_hit_tokens
         st.running = len(eng.scheduler.running)
         st.waiting = len(eng.scheduler.waiting) + len(self.decode_side.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
@@ -689,7 +715,7 @@ class Worker:
             try:
                 sender = self.senders[t.peer_id]
                 sender.done(M.KVDone(rid, o.new_token_ids[0], first_lp, t.bytes, t.write_seconds,
-                                     time.monotonic(), sender.transport))
+                                     time.monotonic(), sender.transport, o.num_cached_tokens))
             except (TransferError, KeyError) as e:
                 self._fail(rid, f"KV hand-over to {t.peer_id} failed: {e}")
             if o.finish_reason == RequestStatus.FINISHED_PREFILLED.value:
@@ -757,8 +783,9 @@ class Worker:
             notify = time.monotonic() - msg.t_sent
             self.stats.kv_transfers += 1
             self.stats.kv_transfer_seconds += notify
-            self._send(M.Outputs([to_delta(o, M.Handover(msg.bytes, msg.write_seconds, notify,
-                                                         msg.transport))]))
+            d = to_delta(o, M.Handover(msg.bytes, msg.write_seconds, notify, msg.transport))
+            d.num_cached_tokens = msg.cached_tokens  # (the prefill worker's hit, not ours)
+            self._send(M.Outputs([d]))
 
     # -- the step --------------------------------------------------------------------------
     def _step(self) -> None:

@@ -238,6 +238,8 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, computed):
                 break
             self.waiting.popleft()
+            if self.kv.enable_caching:
+                self.kv.count_lookup(req.num_tokens, num_hit)
             req.num_computed_tokens = req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -52,6 +52,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
+        # KV events (router/prefix_index.py), when a list: (True, hash) when a hash becomes
+        # findable, (False, hash) when it is forgotten, in that order; the owner drains it
+        self.events: list[tuple[bool, bytes]] | None = None
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -71,6 +74,10 @@ class BlockPool:
             "cached": cached,
             "free": self.num_free_blocks - cached,
         }
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash findable now (a KV snapshot: router/prefix_index.py)."""
+        return list(self._cached)
 
     def lookup(self, block_hash: bytes) -> KVBlock | None:
         return self._cached.get(block_hash)
@@ -98,6 +105,8 @@ class BlockPool:
             b = self.blocks[block_id]
             if b.block_hash is not None:
                 del self._cached[b.block_hash]
+                if self.events is not None:
+                    self.events.append((False, b.block_hash))
                 b.block_hash = None
                 self.num_evictions += 1
             b.ref_cnt = 1
@@ -123,12 +132,16 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        if self.events is not None:
+            self.events.append((True, block_hash))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash of an unreferenced block."""
         for b in list(self._cached.values()):
             if b.ref_cnt == 0:
                 del self._cached[b.block_hash]
+                if self.events is not None:
+                    self.events.append((False, b.block_hash))
                 b.block_hash = None
 
     # -- invariants ------------------------------------------------------------------------

@@ -57,9 +57,14 @@ class KVCacheManager:
             if b is None:
                 break
             hit.append(b)
-        self.num_queried_tokens += req.num_tokens
-        self.num_hit_tokens += len(hit) * self.block_size
         return hit, len(hit) * self.block_size
+
+    def count_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """A request admitted with `num_hit` of its `num_tokens` from the cache: the prefix-
+        cache statistics count each admission once (a request that waits for blocks is looked
+        up again every step; a preempted one is counted again when it is readmitted)."""
+        self.num_queried_tokens += num_tokens
+        self.num_hit_tokens += num_hit
 
     def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> int:
         held = len(self.req_blocks.get(req.request_id, ())) + len(computed)

@@ -30,6 +30,7 @@ import zmq.asyncio
 from splitserve.disagg import decision_log
 from splitserve.disagg import messages as M
 from splitserve.errors import InvalidRequestError, RequestFailed, ServiceUnavailable
+from splitserve.kv.hashing import block_hashes
 from splitserve.request import SamplingParams
 from splitserve.router.admission import SLO
 from splitserve.router.policies import LocalPrefill
@@ -71,7 +72,7 @@ class _Stream:
 class Conductor:
     def __init__(self, model: str = "default", served_model_name: str = "default",
                  bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
-                 tokenizer=None, local_prefill=True, admission=None):
+                 tokenizer=None, local_prefill=True, admission=None, routing: str = "cache-aware"):
         self.model = model
         self.served_model_name = served_model_name
         self.bind = bind
@@ -82,7 +83,8 @@ class Conductor:
         # local_prefill: True (policies.LocalPrefill), False / None (off), or a policy object
         if local_prefill is True:
             local_prefill = LocalPrefill()
-        self.state = RouterState(local_prefill or None, admission)
+        self.state = RouterState(local_prefill or None, admission, routing)
+        self._hash_root: bytes | None = None  # the workers' (Register.hash_root)
         if decision_log.directory():
             self.state.routes = []
         self.workers: dict[str, WorkerHandle] = {}
@@ -270,8 +272,12 @@ class Conductor:
         wp = M.Params.of(params)  # everything that can fail before the route is taken
         s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
         t0 = time.monotonic()
+        hashes = None
+        if self.state.prefix_index is not None and self._hash_root and self.state.block_size:
+            hashes = block_hashes(s.prompt, self.state.block_size, self._hash_root)
         t = self.state.route(request_id, len(prompt_token_ids), t0,
-                             max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority)
+                             max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority,
+                             block_hashes=hashes)
         self._streams[request_id] = s
         obs = self.observer
         if obs is not None:
@@ -471,6 +477,16 @@ class Conductor:
             case M.Failed():
                 if self.state.speaker(msg.request_id, wid, epoch=msg.epoch) is not None:
                     self._fail(msg.request_id, msg.message)
+            case M.KVEvents():
+                index = self.state.prefix_index
+                if index is None:
+                    return
+                if msg.snapshot:
+                    index.snapshot(wid, [h for _, h in msg.events])
+                elif not index.apply(wid, msg.seq, msg.events):
+                    log.warning("KV events of %s out of sequence (batch %d); asking for a "
+                                "snapshot", wid, msg.seq)
+                    self._send(wid, M.KVResync())
             case M.Reserved():
                 rid = msg.request_id
                 prefill = self.state.on_reserved(rid, wid, time.monotonic(), msg.epoch)
@@ -557,6 +573,9 @@ class Conductor:
                 reason = f"KV cache differs from the deployment's: {msg.kv.mismatch(ref.kv)}"
             elif msg.max_model_len != ref.max_model_len:
                 reason = f"max_model_len {msg.max_model_len} differs from {ref.max_model_len}"
+            elif msg.hash_root != ref.hash_root:
+                reason = ("its block hashes differ from the deployment's (another hash salt?): "
+                          f"root {msg.hash_root[:12]} vs {ref.hash_root[:12]}")
         if reason:
             log.error("refused worker %s: %s", wid, reason)
             self._raw_send(wid, M.Welcome(False, reason))
@@ -565,6 +584,7 @@ class Conductor:
             self.reference = msg
             self.state.max_model_len = msg.max_model_len
             self.state.block_size = msg.kv.block_size  # every worker's (mismatches are refused)
+            self._hash_root = bytes.fromhex(msg.hash_root) if msg.hash_root else None
         view = self.state.add_worker(wid, msg.role, msg.num_blocks, time.monotonic())
         self.workers[wid] = WorkerHandle(msg, view, proc=self._procs.get(wid))
         self.workers[wid].stats.kv_blocks_total = msg.num_blocks

@@ -33,6 +33,49 @@ class LeastLoaded:
         return tied[self.turn % len(tied)]
 
 
+class RoundRobin:
+    """Each worker in turn, whatever its load (the blind baseline `serve --routing
+    round-robin`)."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def pick(self, workers: Sequence[WorkerLoad]) -> str | None:
+        if not workers:
+            return None
+        ids = sorted(w.worker_id for w in workers)
+        self.turn += 1
+        return ids[self.turn % len(ids)]
+
+
+class CacheAware:
+    """The worker that computes a prompt, by the work before its first token (Mooncake's
+    conductor, Dynamo's KV router): the prompt tokens already queued there (a prefill
+    worker's P/D prompts, a co-located worker's own unfinished ones) plus the prompt's tokens
+    it does not hold in its prefix cache (router/prefix_index.py). Ties: fewer outstanding,
+    then round-robin. The router asks it only when some worker caches part of the prompt:
+    with nothing cached anywhere, least-loaded decides (a co-located worker's decodes are
+    load the queued tokens do not show)."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def pick(self, workers: Sequence, prompt_tokens: int,
+             cached_tokens: dict[str, int]) -> str | None:
+        if not workers:
+            return None
+
+        def cost(w) -> int:
+            ahead = w.queued_prompt_tokens + w.prefill_tokens
+            return ahead + prompt_tokens - cached_tokens.get(w.worker_id, 0)
+
+        costs = {w.worker_id: (cost(w), w.outstanding) for w in workers}
+        least = min(costs.values())
+        tied = sorted(wid for wid, c in costs.items() if c == least)
+        self.turn += 1
+        return tied[self.turn % len(tied)]
+
+
 class DecodeLoad(NamedTuple):
     worker_id: str
     decoding: int  # requests past their first token there (handed over, or its own)

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 
 from splitserve.errors import IntegrityError, InvalidRequestError, ServiceUnavailable
 from splitserve.router.admission import Overloaded
-from splitserve.router.policies import LeastLoaded, LocalPrefill
+from splitserve.router.policies import CacheAware, LeastLoaded, LocalPrefill, RoundRobin
+from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.reroling import EVERYTHING, HANDOVERS, NOTHING, ROLES, must_finish
+
+ROUTINGS = ("cache-aware", "least-loaded", "round-robin")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Track:
     first_token: bool = False  # an output arrived
     t_reserve: float = 0.0
     reserve_seconds: float = 0.0
+    cached_tokens: int = 0  # what the prefix index said its computing worker holds of it
     # the views this request's load was charged to: a worker that re-registers under its old
     # id gets a fresh view, and the old requests must not be taken off the new one
     views: dict = field(default_factory=dict, repr=False)
@@ -91,13 +95,25 @@ class AbortTo:
 
 
 class RouterState:
-    def __init__(self, local_prefill: LocalPrefill | None = None, admission=None):
+    def __init__(self, local_prefill: LocalPrefill | None = None, admission=None,
+                 routing: str = "least-loaded"):
+        """`routing`: how the worker that computes a prompt is chosen — cache-aware (the
+        prefix index's cached tokens weighed against the tokens queued there: policies.
+        CacheAware; the index is fed by the workers' KV events), least-loaded (fewest
+        outstanding), round-robin. Decode workers are always least-loaded."""
+        if routing not in ROUTINGS:
+            raise InvalidRequestError(f"routing must be one of {', '.join(ROUTINGS)}, got "
+                                      f"{routing!r}")
+        self.routing = routing
+        self.prefix_index = PrefixIndex() if routing == "cache-aware" else None
+        self._cache_policy = CacheAware()
         self.workers: dict[str, WorkerView] = {}
         # admission.Admission: decides once the workers are chosen (None: accept every request)
         self.admission = admission
         self._by_role: dict[str, list[WorkerView]] = {role: [] for role in ROLES}
         self.tracks: dict[str, Track] = {}
-        self.policies = {role: LeastLoaded() for role in ROLES}
+        self.policies = {role: RoundRobin() if routing == "round-robin" and role != "decode"
+                         else LeastLoaded() for role in ROLES}
         self.local_prefill = local_prefill
         self.dead: list[str] = []  # workers down now: died (or never came up), not back yet
         self.epochs: dict[str, int] = {}  # each worker id's latest incarnation
@@ -150,6 +166,8 @@ class RouterState:
         keep the dead view until they finish, so nothing of them reaches a next incarnation)."""
         w = self.workers[worker_id]
         w.alive = False
+        if self.prefix_index is not None:  # (its next incarnation sends a snapshot)
+            self.prefix_index.drop(worker_id)
         if worker_id not in self.dead:
             self.dead.append(worker_id)
         return list(w.requests)
@@ -237,8 +255,12 @@ class RouterState:
             w.rerole, w.draining = None, False
 
     # -- routing -----------------------------------------------------------------------------
-    def _pick(self, role: str, need: int = 0) -> str | None:
+    def _pick(self, role: str, need: int = 0, prompt: tuple[int, dict] | None = None) -> str | None:
+        """`prompt`: (its tokens, worker -> tokens cached) for a worker that computes it, when
+        routing is cache-aware."""
         # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
+        if prompt is not None and prompt[1]:  # (no hit anywhere: the load alone decides)
+            return self._cache_policy.pick(self._fitting(role, need), *prompt)
         return self.policies[role].pick(self._fitting(role, need))
 
     def _fitting(self, role: str, need: int) -> list[WorkerView]:
@@ -270,7 +292,7 @@ class RouterState:
             "(--kv-cache-gb)", param="prompt")
 
     def route(self, request_id: str, prompt_len: int, now: float, max_tokens: int = 0,
-              slo=None, priority: int = 0) -> Track:
+              slo=None, priority: int = 0, block_hashes=None) -> Track:
         """Choose the request's workers and start tracking it (the caller then sends Generate
         to track.worker, or Reserve to track.decode naming track.prefill). With an admission
         policy, it may refuse (admission.Overloaded) before anything is charged; `slo`: the
@@ -286,8 +308,13 @@ class RouterState:
         need = self._check_fits(prompt_len)
         t = Track(request_id, prompt_len, max_tokens)
         turns = [p.turn for p in self.policies.values()]
-        whole = self._pick("colocated", need)
-        prefill = self._pick("prefill", need) if whole is None else None
+        prompt = None
+        if self.prefix_index is not None:  # (the prompt's last token is always computed)
+            bs = self.block_size or 1
+            hits = self.prefix_index.longest(block_hashes or ())
+            prompt = (prompt_len, {w: min(k * bs, prompt_len - 1) for w, k in hits.items()})
+        whole = self._pick("colocated", need, prompt)
+        prefill = self._pick("prefill", need, prompt) if whole is None else None
         if whole is None and prefill is None and self._decode_serves_whole():
             # no prefill worker to route to (all died, or draining): the decode workers serve
             # whole requests
@@ -315,6 +342,8 @@ class RouterState:
             t.views[t.worker].prefill_tokens += prompt_len
         else:
             t.views[t.prefill].queued_prompt_tokens += prompt_len
+        if prompt is not None:
+            t.cached_tokens = prompt[1].get(t.worker or t.prefill, 0)
         self.tracks[request_id] = t
         if self.routes is not None:
             kind = "pd" if t.worker is None else (

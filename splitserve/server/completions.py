@@ -93,6 +93,7 @@ class _Choice:
     lp_offset: int = 0  # completions' text_offset of the next token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    cached_tokens: int = 0  # its prompt's tokens found in a prefix cache
 
 
 class Generation:
@@ -157,6 +158,7 @@ class Generation:
         items = self._logprob_items(d) if self.want_logprobs else []
         c.text.append(d.new_text)
         c.logprobs.extend(items)
+        c.cached_tokens = max(c.cached_tokens, d.num_cached_tokens)
         if d.finished:
             if d.finish_reason not in ("stop", "length"):
                 # "abort" is the workers' word for a request cut off without an answer.
@@ -172,7 +174,11 @@ class Generation:
             c.timer.on_finish(reason, now)
 
     def _usage(self) -> dict:
-        return schemas.usage(self.prompt_tokens, sum(c.timer.num_tokens for c in self.choices))
+        # cached: the prompt's tokens a choice found in a prefix cache (its first choice's: the
+        # others of a prompt share its blocks)
+        cached = sum(c.cached_tokens for c in self.choices[::max(1, self.body.num_choices)])
+        return schemas.usage(self.prompt_tokens, sum(c.timer.num_tokens for c in self.choices),
+                             cached)
 
     # -- answers ----------------------------------------------------------------------------
     async def respond(self, request: Request) -> Response:

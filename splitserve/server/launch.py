@@ -241,7 +241,8 @@ async def run_deployment(a) -> int:
     served = a.served_model_name or (a.model if a.model == "default" else os.path.basename(a.model.rstrip("/")))
     local_prefill = local_prefill_policy(a)  # first: it may set the decode workers' chunks
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
-                          local_prefill=local_prefill, admission=build_admission(a))
+                          local_prefill=local_prefill, admission=build_admission(a),
+                          routing=a.routing)
     await conductor.start()
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
@@ -302,6 +303,13 @@ def add_serve_args(p) -> None:
                         "or always on a prefill worker (off), or on a decode worker wherever the "
                         "cost model says its first token comes sooner, in chunks sized to keep "
                         "that worker's decodes within --tpot-slo (slo; needs --latency-model)")
+    p.add_argument("--routing", default="cache-aware",
+                   choices=["cache-aware", "least-loaded", "round-robin"],
+                   help="the worker that computes a prompt (prefill or co-located): the one with "
+                        "the least work before its first token, the tokens queued there plus "
+                        "those of the prompt it does not cache, from the workers' KV events "
+                        "(cache-aware); fewest requests in flight (least-loaded); in turn "
+                        "(round-robin). Decode workers: least-loaded")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker counts as dead")
     p.add_argument("--max-restarts", type=int, default=None,

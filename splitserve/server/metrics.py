@@ -141,6 +141,13 @@ class WorkerCollector:
             "role_changes": CounterMetricFamily(
                 "splitserve_worker_role_changes", "Role changes the worker took (SetRole)",
                 labels=labels),
+            # vLLM's convention, in tokens (the device tier: the worker's own KV pool)
+            "prefix_cache_queries": CounterMetricFamily(
+                "splitserve_prefix_cache_queries", "Prompt tokens looked up in the worker's "
+                "prefix cache", labels=labels),
+            "prefix_cache_hits": CounterMetricFamily(
+                "splitserve_prefix_cache_hits", "Prompt tokens found in the worker's prefix "
+                "cache", labels=labels),
         }
         for s in stats:
             key = [str(s["worker_id"]), str(s["role"])]

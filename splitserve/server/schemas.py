@@ -360,9 +360,11 @@ def chat_logprobs(items: list[TokenLogprob]) -> dict:
                         | {"top_logprobs": [entry(t, lp) for t, lp in it.top]} for it in items]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with prompt_tokens_details.cached_tokens (prefix-cache hits)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None,

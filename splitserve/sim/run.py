@@ -152,13 +152,14 @@ class Simulator:
 
     def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
                  record: bool = False, quiet: bool = False, admission=None, local_prefill=None,
-                 role_latency: dict | None = None):
+                 role_latency: dict | None = None, routing: str = "least-loaded"):
         """`admission`: () -> a fresh router.admission.Admission for each run (the server's
         own policy), or None: accept every request. `local_prefill`: a policies.SloLocalPrefill
         (its chunk table then caps the decode workers' steps), or None: the default.
         `role_latency`: role -> the latency model of that role's workers (build_workers);
         `latency` prices the rest and the KV hand-over's link (the prefill side's network)."""
         self.dep, self.latency, self.settings = dep, latency, s
+        self.routing = routing  # RouterState's (serve --routing)
         self.admission = admission
         self.local_prefill = local_prefill
         if local_prefill is not None:
@@ -183,7 +184,7 @@ class Simulator:
     def __call__(self, specs: list[RequestSpec]) -> LoadResult:
         sim = self.simulation = Simulation(self.workers, self.latency, self.config,
                                            self.admission() if self.admission else None,
-                                           self.local_prefill)
+                                           self.local_prefill, self.routing)
         t0 = time.perf_counter()
         res = sim.run(specs, prompt_tokens(specs))
         wall = time.perf_counter() - t0
@@ -242,6 +243,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"],
                    help="the router's admission control, as serve --admission, judged by the "
                         "experiment's --ttft-slo / --tpot-slo and priced by the latency model")
+    g.add_argument("--routing", default="least-loaded",
+                   choices=["cache-aware", "least-loaded", "round-robin"],
+                   help="how the router picks the worker that computes a prompt (serve "
+                        "--routing; cache-aware: the workers' KV events feed its prefix index)")
     g.add_argument("--max-queue", type=int, default=256,
                    help="requests in flight per worker beyond which new ones are refused (0: "
                         "unbounded), as serve --max-queue")
@@ -286,7 +291,7 @@ def main(a) -> int:
     sim = Simulator(dep, latency, SimSettings.of(a), quiet=a.quiet,
                     admission=admission_factory(a, dep, latency,
                                                 local.worker_chunks() if local else None),
-                    local_prefill=local)
+                    local_prefill=local, routing=a.routing)
     print(f"simulating {dep.name} ({', '.join(dep.roles)}) with {latency.describe()}",
           file=sys.stderr)
     out = E.run_experiment(a, sim, a.cores or sim.cores,

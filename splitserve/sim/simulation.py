@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from splitserve.bench.goodput import RequestRecord
 from splitserve.bench.workloads import RequestSpec
 from splitserve.errors import InvalidRequestError, ServiceUnavailable
+from splitserve.kv.hashing import block_hashes, root_hash
 from splitserve.request import Request
 from splitserve.router.admission import Overloaded
 from splitserve.router.policies import LocalPrefill
@@ -78,10 +79,11 @@ class SimResult:
 
 class Simulation:
     def __init__(self, workers: list[WorkerSpec], latency: LatencyModel, config: SimConfig,
-                 admission=None, local_prefill=None):
+                 admission=None, local_prefill=None, routing: str = "least-loaded"):
         """`admission`: a router.admission.Admission (the server's own), or None: accept all.
         `local_prefill`: the conditional-disaggregation policy when config.local_prefill
-        (default policies.LocalPrefill)."""
+        (default policies.LocalPrefill). `routing`: RouterState's (cache-aware: the workers'
+        KV events reach the router's prefix index hop_s after each step, as the server's)."""
         if not workers:
             raise ValueError("a deployment needs at least one worker")
         self.config = config
@@ -89,8 +91,12 @@ class Simulation:
         self.loop = EventLoop()
         roles = {w.role for w in workers}
         local = config.local_prefill and "decode" in roles
-        self.state = RouterState((local_prefill or LocalPrefill()) if local else None, admission)
+        self.state = RouterState((local_prefill or LocalPrefill()) if local else None, admission,
+                                 routing)
         self.state.routes = []
+        self.state.block_size = workers[0].block_size
+        self._root = root_hash("sim", workers[0].block_size)  # (the SimWorkers' own)
+        self._kv_seq: dict[str, int] = {}
         self.workers: dict[str, SimWorker] = {}
         for i, spec in enumerate(workers):
             wid = f"{spec.role}-{i}"
@@ -98,6 +104,10 @@ class Simulation:
             if config.record:
                 w.core.trace = []
             self.state.add_worker(wid, spec.role, spec.num_blocks, 0.0)
+            if self.state.prefix_index is not None:
+                w.core.kv.pool.events = []
+                self.state.prefix_index.snapshot(wid, [])
+                self._kv_seq[wid] = 1
         if not self.state.is_ready():
             raise ValueError(f"a deployment of {sorted(roles)} workers cannot serve: it needs a "
                              "co-located worker, or prefill and decode workers")
@@ -138,7 +148,10 @@ class Simulation:
         c = self.clients[rid]
         now = self.loop.now
         try:
-            t = self.state.route(rid, len(c.prompt), now, max_tokens=c.spec.output_len)
+            hashes = (block_hashes(c.prompt, self.state.block_size, self._root)
+                      if self.state.prefix_index is not None else None)
+            t = self.state.route(rid, len(c.prompt), now, max_tokens=c.spec.output_len,
+                                 block_hashes=hashes)
         except Overloaded as e:  # refused at once: the client gets its 429
             c.error, c.rejected, c.t_done = str(e), True, now + self.config.api_s
             return
@@ -157,7 +170,8 @@ class Simulation:
 
     def router_receive(self, worker: SimWorker, kind: str, *args) -> None:
         """A worker sends the router a message; it lands hop_s later."""
-        handler = self._on_outputs if kind == "outputs" else self._on_reserved
+        handler = {"outputs": self._on_outputs, "reserved": self._on_reserved,
+                   "kv": self._on_kv}[kind]
         self.loop.at(self.loop.now + self.config.hop_s, handler, worker.worker_id, *args)
 
     def _on_outputs(self, wid: str, outs) -> None:
@@ -178,6 +192,11 @@ class Simulation:
             if o.finished:
                 c.t_done = at_client
                 self.state.finish(rid)
+
+    def _on_kv(self, wid: str, events: list) -> None:
+        seq = self._kv_seq[wid]
+        self._kv_seq[wid] = seq + 1
+        self.state.prefix_index.apply(wid, seq, events)
 
     def _on_reserved(self, wid: str, rid: str, block_ids: list[int]) -> None:
         pid = self.state.on_reserved(rid, wid, self.loop.now)

@@ -273,6 +273,10 @@ class SimWorker:
         self.sim.loop.at(now + dt, self._end_step, sched_out, stepped)
 
     def _end_step(self, sched_out, stepped: list[Request]) -> None:
+        events = self.core.kv.pool.events
+        if events:  # what the real worker's loop sends after a step (KVEvents)
+            self.sim.router_receive(self, "kv", list(events))
+            events.clear()
         outs = [_Output(r.request_id, 0, True) for r in sched_out.finished]
         self.counters.tokens += len(stepped)
         if self.role == "prefill":
