@@ -6,7 +6,6 @@ worker's pool holds."""
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -74,6 +73,9 @@ def test_the_index_answers_what_every_pool_holds_under_churn():
             kinds.add("request")
         elif op < 0.9:
             deliver(wid)
+        elif op < 0.92:  # the cache dropped (reset, or a role change turning caching off)
+            pool.reset_prefix_cache()
+            kinds.add("reset")
         elif op < 0.95:  # reconnect: a snapshot replaces whatever the index had of it
             pool.events.clear()
             index.snapshot(wid, pool.cached_hashes())
@@ -100,7 +102,7 @@ def test_the_index_answers_what_every_pool_holds_under_churn():
             for chain in rng.sample(prompts, 10):
                 want = {w: _run_prefix(p, chain) for w, p in pools.items()}
                 assert index.longest(chain) == {w: k for w, k in want.items() if k}
-    assert kinds == {"request", "snapshot", "lost", "died"}
+    assert kinds == {"request", "reset", "snapshot", "lost", "died"}
     assert index.resyncs > 0
 
 
@@ -137,6 +139,17 @@ def test_cache_aware_routing_weighs_the_cached_prefix_against_the_queue():
     # a prompt nobody caches: the load decides (round-robin between equals), not the index
     assert {s.route(f"r{i}", 400, 0.0, block_hashes=block_hashes([7] * 400, 4, ROOT)).worker
             for i in range(2)} == {"c0", "c1"}
+    # the balance guard: a worker holding the prefix but 5 more requests in flight (decoding,
+    # nothing queued) than another does not compete
+    for i in range(5):
+        s.route(f"d{i}", 8, 0.0)  # (no hashes: least-loaded spreads them)
+    busy = max(s.workers.values(), key=lambda w: w.outstanding)
+    other = "c0" if busy.worker_id == "c1" else "c1"
+    s.prefix_index.snapshot(busy.worker_id, chain)
+    s.prefix_index.snapshot(other, [])
+    for i in range(4):  # (as if 4 more decoded there) the gap is > 4: only the other competes
+        busy.requests.add(f"x{i}")
+    assert s.route("e", 400, 0.0, block_hashes=chain).worker == other
     s.worker_died("c1")
     assert s.prefix_index.longest(chain) == {}
     # blind routing ignores the index
@@ -161,7 +174,7 @@ def test_a_shared_prefix_follows_its_cache_across_two_colocated_workers(real_mod
     workers' KV events) and reports the hit in usage; blind routing would alternate them
     between the two workers and miss every other one."""
     import httpx
-    from serving_harness import Server, wait_for
+    from serving_harness import Server
 
     base = ("The history of the printing press begins in the fifteenth century, when Johannes "
             "Gutenberg combined movable metal type, oil-based ink and a screw press. ") * 6
@@ -177,11 +190,8 @@ def test_a_shared_prefix_follows_its_cache_across_two_colocated_workers(real_mod
         assert first["prompt_tokens"] > 128
         assert first["prompt_tokens_details"]["cached_tokens"] == 0
 
-        def indexed() -> bool:  # the first request's blocks have reached the router
-            m = httpx.get(s.url + "/metrics", timeout=5).text
-            return "splitserve_prefix_cache_queries_total" in m
-        wait_for(indexed, 10, "the prefix-cache metrics")
-        time.sleep(0.5)  # (its KV events: sent with the next loop of the worker)
+        # (no wait: the worker sends the step's KV events before that request's last output,
+        # on the same ordered socket, so the router has them before the answer is complete)
         full_blocks = first["prompt_tokens"] // 16 * 16
         for k in range(4):
             u = ask(base + f" Question {k}: who printed the first book?")

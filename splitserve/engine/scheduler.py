@@ -238,9 +238,11 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, computed):
                 break
             self.waiting.popleft()
-            if self.kv.enable_caching:
-                self.kv.count_lookup(req.num_tokens, num_hit)
-            req.num_computed_tokens = req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            if req.num_preemptions == 0:  # (a readmission also hits its own output's blocks)
+                req.num_cached_tokens = min(num_hit, req.num_prompt_tokens)
+                if self.kv.enable_caching:
+                    self.kv.count_lookup(req.num_prompt_tokens, req.num_cached_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_hit, num_new))

@@ -60,9 +60,9 @@ class KVCacheManager:
         return hit, len(hit) * self.block_size
 
     def count_lookup(self, num_tokens: int, num_hit: int) -> None:
-        """A request admitted with `num_hit` of its `num_tokens` from the cache: the prefix-
-        cache statistics count each admission once (a request that waits for blocks is looked
-        up again every step; a preempted one is counted again when it is readmitted)."""
+        """A request first admitted with `num_hit` of its `num_tokens` prompt tokens from the
+        cache: the prefix-cache statistics count each request once (one that waits for blocks
+        is looked up again every step; a preempted one is not counted again)."""
         self.num_queried_tokens += num_tokens
         self.num_hit_tokens += num_hit
 

@@ -273,7 +273,7 @@ class Conductor:
         s = _Stream(list(prompt_token_ids), params, asyncio.Queue())
         t0 = time.monotonic()
         hashes = None
-        if self.state.prefix_index is not None and self._hash_root and self.state.block_size:
+        if self._hash_root and self.state.block_size and self.state.wants_hashes():
             hashes = block_hashes(s.prompt, self.state.block_size, self._hash_root)
         t = self.state.route(request_id, len(prompt_token_ids), t0,
                              max_tokens=params.max_tokens, slo=SLO.given(*slo), priority=priority,

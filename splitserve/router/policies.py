@@ -53,23 +53,24 @@ class CacheAware:
     conductor, Dynamo's KV router): the prompt tokens already queued there (a prefill
     worker's P/D prompts, a co-located worker's own unfinished ones) plus the prompt's tokens
     it does not hold in its prefix cache (router/prefix_index.py). Ties: fewer outstanding,
-    then round-robin. The router asks it only when some worker caches part of the prompt:
-    with nothing cached anywhere, least-loaded decides (a co-located worker's decodes are
-    load the queued tokens do not show)."""
+    then round-robin. The router asks it only when one of the candidates caches part of the
+    prompt: with nothing cached, least-loaded decides. A balance guard (as SGLang's router):
+    only workers within `max_imbalance` outstanding requests of the least loaded compete, so
+    a hot prefix cannot draw every request (and every decode) to the one worker that holds
+    it; past that, another worker computes the prefix and comes to hold it too."""
 
-    def __init__(self):
+    def __init__(self, max_imbalance: int = 4):
+        self.max_imbalance = max_imbalance
         self.turn = 0
 
     def pick(self, workers: Sequence, prompt_tokens: int,
              cached_tokens: dict[str, int]) -> str | None:
         if not workers:
             return None
-
-        def cost(w) -> int:
-            ahead = w.queued_prompt_tokens + w.prefill_tokens
-            return ahead + prompt_tokens - cached_tokens.get(w.worker_id, 0)
-
-        costs = {w.worker_id: (cost(w), w.outstanding) for w in workers}
+        floor = min(w.outstanding for w in workers) + self.max_imbalance
+        costs = {w.worker_id: (w.queued_prompt_tokens + w.prefill_tokens + prompt_tokens
+                               - cached_tokens.get(w.worker_id, 0), w.outstanding)
+                 for w in workers if w.outstanding <= floor}
         least = min(costs.values())
         tied = sorted(wid for wid, c in costs.items() if c == least)
         self.turn += 1

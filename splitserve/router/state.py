@@ -255,13 +255,20 @@ class RouterState:
             w.rerole, w.draining = None, False
 
     # -- routing -----------------------------------------------------------------------------
+    def wants_hashes(self) -> bool:
+        """A prompt's block hashes can change the route: cache-aware, with more than one
+        worker that could compute it."""
+        return self.prefix_index is not None and (
+            len(self.routable("colocated")) + len(self.routable("prefill")) > 1)
+
     def _pick(self, role: str, need: int = 0, prompt: tuple[int, dict] | None = None) -> str | None:
         """`prompt`: (its tokens, worker -> tokens cached) for a worker that computes it, when
         routing is cache-aware."""
         # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
-        if prompt is not None and prompt[1]:  # (no hit anywhere: the load alone decides)
-            return self._cache_policy.pick(self._fitting(role, need), *prompt)
-        return self.policies[role].pick(self._fitting(role, need))
+        fitting = self._fitting(role, need)
+        if prompt is not None and any(w.worker_id in prompt[1] for w in fitting):
+            return self._cache_policy.pick(fitting, *prompt)
+        return self.policies[role].pick(fitting)  # (no candidate caches any: the load decides)
 
     def _fitting(self, role: str, need: int) -> list[WorkerView]:
         """The routable workers of `role` whose KV pool can hold `need` blocks."""
@@ -307,12 +314,14 @@ class RouterState:
                                       f"context is {self.max_model_len}", param="prompt")
         need = self._check_fits(prompt_len)
         t = Track(request_id, prompt_len, max_tokens)
-        turns = [p.turn for p in self.policies.values()]
+        turns = [p.turn for p in self.policies.values()] + [self._cache_policy.turn]
         prompt = None
-        if self.prefix_index is not None:  # (the prompt's last token is always computed)
+        if self.prefix_index is not None and block_hashes:
+            # what the worker will hit: whole blocks, the prompt's last token always computed
             bs = self.block_size or 1
-            hits = self.prefix_index.longest(block_hashes or ())
-            prompt = (prompt_len, {w: min(k * bs, prompt_len - 1) for w, k in hits.items()})
+            most = (prompt_len - 1) // bs
+            hits = self.prefix_index.longest(block_hashes)
+            prompt = (prompt_len, {w: min(k, most) * bs for w, k in hits.items()})
         whole = self._pick("colocated", need, prompt)
         prefill = self._pick("prefill", need, prompt) if whole is None else None
         if whole is None and prefill is None and self._decode_serves_whole():
@@ -331,7 +340,7 @@ class RouterState:
         if self.admission is not None:
             verdict = self.admission.decide(self, t, now, slo, priority)
             if not verdict.admit:  # as if it never came: the round-robin turns go back too
-                for p, turn in zip(self.policies.values(), turns):
+                for p, turn in zip([*self.policies.values(), self._cache_policy], turns):
                     p.turn = turn
                 raise Overloaded(verdict)
         for wid in (t.worker, t.prefill, t.decode):

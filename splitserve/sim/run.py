@@ -152,7 +152,7 @@ class Simulator:
 
     def __init__(self, dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
                  record: bool = False, quiet: bool = False, admission=None, local_prefill=None,
-                 role_latency: dict | None = None, routing: str = "least-loaded"):
+                 role_latency: dict | None = None, routing: str = "cache-aware"):
         """`admission`: () -> a fresh router.admission.Admission for each run (the server's
         own policy), or None: accept every request. `local_prefill`: a policies.SloLocalPrefill
         (its chunk table then caps the decode workers' steps), or None: the default.
@@ -243,7 +243,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--admission", default="off", choices=["off", "reactive", "predictive"],
                    help="the router's admission control, as serve --admission, judged by the "
                         "experiment's --ttft-slo / --tpot-slo and priced by the latency model")
-    g.add_argument("--routing", default="least-loaded",
+    g.add_argument("--routing", default="cache-aware",
                    choices=["cache-aware", "least-loaded", "round-robin"],
                    help="how the router picks the worker that computes a prompt (serve "
                         "--routing; cache-aware: the workers' KV events feed its prefix index)")

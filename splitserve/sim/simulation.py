@@ -79,7 +79,7 @@ class SimResult:
 
 class Simulation:
     def __init__(self, workers: list[WorkerSpec], latency: LatencyModel, config: SimConfig,
-                 admission=None, local_prefill=None, routing: str = "least-loaded"):
+                 admission=None, local_prefill=None, routing: str = "cache-aware"):
         """`admission`: a router.admission.Admission (the server's own), or None: accept all.
         `local_prefill`: the conditional-disaggregation policy when config.local_prefill
         (default policies.LocalPrefill). `routing`: RouterState's (cache-aware: the workers'
@@ -149,7 +149,7 @@ class Simulation:
         now = self.loop.now
         try:
             hashes = (block_hashes(c.prompt, self.state.block_size, self._root)
-                      if self.state.prefix_index is not None else None)
+                      if self.state.wants_hashes() else None)
             t = self.state.route(rid, len(c.prompt), now, max_tokens=c.spec.output_len,
                                  block_hashes=hashes)
         except Overloaded as e:  # refused at once: the client gets its 429

@@ -158,7 +158,7 @@ def main(a) -> int:
         else:
             real = {float(r): [_from_dicts(x) for x in runs]
                     for r, runs in saved.get("real", {}).get(dep.name, {}).items()}
-        sim = Simulator(dep, latency, settings, quiet=True, record=a.explain)
+        sim = Simulator(dep, latency, settings, quiet=True, record=a.explain, routing=a.routing)
         for rate in a.rates:
             simulated = E.run_at(a, sim, specs, rate, run=0).records
             sim_out.setdefault(dep.name, {})[rate] = _records(simulated)
