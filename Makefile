@@ -35,7 +35,7 @@ generate: install
 
 test: install-test
 	$(BIN)/ruff check splitserve tests
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	$(BIN)/splitserve bench engine
