@@ -233,3 +233,31 @@ def test_the_simulator_routes_by_the_same_index():
         hit[routing] = sum(w.core.kv.num_hit_tokens for w in ws) / sum(s.input_len for s in specs)
     # (when written: 0.669 vs 0.313, least-loaded 0.286; the ideal, an infinite cache, 0.81)
     assert hit["cache-aware"] > 1.4 * hit["round-robin"], hit
+
+
+def test_the_ideal_hit_rate_and_the_servers_counters():
+    from serving_harness import app_in_thread
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from splitserve.bench.load import prefix_counters
+    from splitserve.bench.workloads import RequestSpec, ideal_hit_rate
+
+    a, b, c = list(range(32)), list(range(100, 116)), list(range(200, 216))
+    specs = [RequestSpec(0, a, 32, 1), RequestSpec(0, a + b, 48, 1), RequestSpec(0, c, 16, 1),
+             RequestSpec(0, a, 32, 1), RequestSpec(0, "text", 4, 1)]
+    # a: none; a+b: a's two blocks; c: none; a again: one block (its last token is computed)
+    assert ideal_hit_rate(specs, 16) == (32 + 16) / (32 + 48 + 16 + 32)
+    assert ideal_hit_rate([RequestSpec(0, "x", 1, 1)]) is None
+
+    text = ('splitserve_prefix_cache_hits_total{role="colocated",worker_id="c0"} 30.0\n'
+            'splitserve_prefix_cache_hits_total{role="colocated",worker_id="c1"} 12.0\n'
+            'splitserve_prefix_cache_queries_total{role="colocated",worker_id="c0"} 100.0\n'
+            'splitserve_prefix_cache_queries_created{role="colocated",worker_id="c0"} 1.7e9\n')
+    app = Starlette(routes=[Route("/metrics", lambda r: PlainTextResponse(text))])
+    with app_in_thread(app) as url:
+        assert prefix_counters(url + "/v1") == (42.0, 100.0)
+    empty = Starlette(routes=[Route("/metrics", lambda r: PlainTextResponse("other 1\n"))])
+    with app_in_thread(empty) as url:
+        assert prefix_counters(url) is None

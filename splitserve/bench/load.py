@@ -37,9 +37,60 @@ def load_runner(base_url: str, model: str = "default", api_key: str | None = Non
     return run
 
 
+def prefix_counters(base_url: str) -> tuple[float, float] | None:
+    """(hit, queried) prompt tokens summed over the server's workers, from its /metrics
+    (splitserve's prefix-cache counters), or None when it has none (another server)."""
+    import httpx
+
+    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        text = httpx.get(url, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    sums = {"hits": 0.0, "queries": 0.0}
+    found = False
+    for line in text.splitlines():
+        for key in sums:
+            if line.startswith(f"splitserve_prefix_cache_{key}_total{{"):
+                sums[key] += float(line.rsplit(" ", 1)[1])
+                found = True
+    return (sums["hits"], sums["queries"]) if found else None
+
+
 def main(a) -> int:
     run = load_runner(a.base_url, a.model, a.api_key, a.concurrency, progress=not a.quiet)
     cores = a.cores or len(os.sched_getaffinity(0))
-    E.run_experiment(a, run, cores, {"source": "measured", "base_url": a.base_url,
-                                     "model": a.model, "concurrency": a.concurrency})
+    seen = {"hits": 0.0, "queries": 0.0, "known": True}
+
+    def counted(specs):  # the server's prefix-cache counters around every run
+        before = prefix_counters(a.base_url)
+        res = run(specs)
+        after = prefix_counters(a.base_url)
+        if before is None or after is None:
+            seen["known"] = False
+        else:
+            seen["hits"] += after[0] - before[0]
+            seen["queries"] += after[1] - before[1]
+        return res
+
+    out = E.run_experiment(a, counted, cores, {"source": "measured", "base_url": a.base_url,
+                                               "model": a.model, "concurrency": a.concurrency})
+    from splitserve.bench.workloads import ideal_hit_rate
+
+    server = seen["hits"] / seen["queries"] if seen["known"] and seen["queries"] else None
+    ideal = ideal_hit_rate(E.build_workload(a))
+    print("\n| prefix cache | hit rate |\n|---|---:|\n"
+          f"| the server (its /metrics, this run) | {_pct(server)} |\n"
+          f"| ideal (an infinite cache, same requests) | {_pct(ideal)} |")
+    out |= {"prefix_hit_rate": server, "prefix_hit_rate_ideal": ideal,
+            "prefix_tokens": {"hits": seen["hits"], "queries": seen["queries"]}}
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
     return 0
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"

@@ -390,6 +390,28 @@ def phased(phases: list[Phase], seed: int = 0, vocab: tuple[int, int] = DEFAULT_
     return specs
 
 
+def ideal_hit_rate(specs: list[RequestSpec], block_size: int = 16) -> float | None:
+    """The prefix-cache hit rate of an infinite cache over these requests in order: the
+    share of prompt tokens in full blocks whose whole prefix an earlier prompt had (the last
+    token is always computed, as the engine does). None when no prompt is token ids."""
+    from splitserve.kv.hashing import block_hashes, root_hash
+
+    root = root_hash("ideal", block_size)
+    seen: set[bytes] = set()
+    hit = total = 0
+    for s in specs:
+        if isinstance(s.prompt, str):
+            continue
+        hashes = block_hashes(s.prompt, block_size, root)
+        k = 0
+        while k < min(len(hashes), (len(s.prompt) - 1) // block_size) and hashes[k] in seen:
+            k += 1
+        hit += k * block_size
+        total += len(s.prompt)
+        seen.update(hashes)
+    return hit / total if total else None
+
+
 def gamma(rate: float, cv: float, n: int, seed: int = 0) -> list[float]:
     """n arrival times (s) with gamma inter-arrival gaps of mean 1/rate and coefficient of
     variation cv: shape 1/cv^2, scale cv^2/rate. cv = 1 is Poisson; cv > 1 is burstier. The

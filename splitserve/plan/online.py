@@ -267,7 +267,10 @@ class SimEvaluator:
         # (the router's local-prefill policy keeps the unscaled cost model, as the server's
         # does; the decode workers' SlackChunks calibrate to the step times they see)
         lat = self.latency if scale == 1.0 else Scaled(self.latency, scale)
-        sim = Simulator(dep, lat, self.settings, quiet=True, local_prefill=lp)
+        # (the window's prompts are drawn fresh: none shares a prefix, cache-aware routing
+        # would only hash them)
+        sim = Simulator(dep, lat, self.settings, quiet=True, local_prefill=lp,
+                        routing="least-loaded")
         recs = [r for r, a in zip(sim(specs).records, window) if a.t >= score_from]
         self.runs += 1
         tpots = sorted(r.tpot for r in recs if r.tpot is not None)

@@ -82,7 +82,8 @@ def sweep(spec: str, budget: int, isl: int, osl: int, rates_per_device: list[flo
     for name, family, dep, lat, role in deployments(spec, budget, devices_per_node):
         for r in rates_per_device:
             rate = r * budget
-            sim = Simulator(dep, lat, settings, quiet=True, role_latency=role)
+            sim = Simulator(dep, lat, settings, quiet=True, role_latency=role,
+                            routing="least-loaded")  # (no prompt shares a prefix here)
             recs = [x for x in sim(W.at_rate(base, rate, 1.0, seed)).records if x.ok]
             runs += 1
             if not recs:

@@ -236,7 +236,10 @@ class Planner:
                  role_latency: dict | None = None, local_prefill=None) -> list[RequestRecord]:
         from splitserve.sim.run import Simulator
 
+        # (least-loaded: the synthetic workloads' prompts share no prefix, where cache-aware
+        # routes alike and only pays for hashing every prompt)
         sim = Simulator(dep, latency, self.settings, quiet=True, role_latency=role_latency,
+                        routing="least-loaded",
                         local_prefill=local_prefill)
         t0 = time.perf_counter()
         res = sim(W.at_rate(self.specs, rate, self.cv, self.seed))

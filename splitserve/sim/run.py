@@ -297,6 +297,15 @@ def main(a) -> int:
     out = E.run_experiment(a, sim, a.cores or sim.cores,
                            {"source": "simulated", "deployment": dep.name,
                             "latency_model": a.latency_model})
+    from splitserve.bench.workloads import ideal_hit_rate
+
+    ws = sim.simulation.workers.values() if sim.simulation else []
+    queried = sum(w.core.kv.num_queried_tokens for w in ws)
+    hit_rate = sum(w.core.kv.num_hit_tokens for w in ws) / queried if queried else None
+    ideal = ideal_hit_rate(E.build_workload(a))
+    out |= {"prefix_hit_rate": hit_rate, "prefix_hit_rate_ideal": ideal}
+    print(f"\nprefix cache hit rate (the last run): {hit_rate if hit_rate is None else f'{hit_rate:.1%}'}; "
+          f"ideal (an infinite cache): {ideal if ideal is None else f'{ideal:.1%}'}")
     print(f"\nsimulator: {sim.events:,} events in {sim.wall_s:.2f} s "
           f"({sim.events / max(sim.wall_s, 1e-9):,.0f} events/s)", file=sys.stderr)
     if a.json:  # the simulator's own cost beside the results
