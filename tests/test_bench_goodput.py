@@ -451,6 +451,10 @@ def test_bench_serve_and_a_fake_run_function_give_the_same_report(fake_server, t
         assert real["source"] == "measured" and real["base_url"] == url
         for k in ("source", "base_url", "model", "concurrency"):
             real.pop(k), fake.pop(k, None)
+        # measured only: the server's prefix-cache hit rate (this fake has no counters) and
+        # the ideal one (fresh random prompts: nothing to hit)
+        assert real.pop("prefix_hit_rate") is None and real.pop("prefix_hit_rate_ideal") == 0.0
+        assert real.pop("prefix_tokens") == {"hits": 0.0, "queries": 0.0}
         assert list(real) == list(fake)
         rows = real.get("runs") or real["probes"]
         fake_rows = fake.get("runs") or fake["probes"]
