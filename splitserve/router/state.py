@@ -30,6 +30,12 @@ from splitserve.router.reroling import EVERYTHING, HANDOVERS, NOTHING, ROLES, mu
 ROUTINGS = ("cache-aware", "least-loaded", "round-robin")
 
 
+def _can_serve(roles: set[str], decode_whole: bool) -> bool:
+    """Workers of these roles can serve a request: a co-located one, or a decode one with a
+    prefill one (or alone when decode workers prefill whole requests themselves)."""
+    return "colocated" in roles or ("decode" in roles and ("prefill" in roles or decode_whole))
+
+
 @dataclass
 class WorkerView:
     """What the router knows of one worker."""
@@ -192,8 +198,7 @@ class RouterState:
         route to (with local prefill, a decode worker alone: it prefills every request
         itself). `but`: as if that worker took no new requests (may it drain?)."""
         ok = {role for role in ROLES if self.routable(role, but)}
-        return "colocated" in ok or ("decode" in ok and (
-            "prefill" in ok or self._decode_serves_whole(changing=but is not None)))
+        return _can_serve(ok, self._decode_serves_whole(changing=but is not None))
 
     # -- role changes (reroling.py) --------------------------------------------------------
     def begin_rerole(self, worker_id: str, role: str) -> int:
@@ -215,8 +220,7 @@ class RouterState:
                                      "other workers could not serve them meanwhile")
         after = {v.role for v in self.workers.values()
                  if v.alive and not v.draining and v.worker_id != worker_id} | {role}
-        if not ("colocated" in after or ("decode" in after and (
-                "prefill" in after or self.local_prefill is not None))):
+        if not _can_serve(after, self.local_prefill is not None):
             raise ServiceUnavailable(f"worker {worker_id} as {role} would leave no route for "
                                      f"requests ({', '.join(sorted(after))} workers"
                                      f"{'' if self.local_prefill else ', local prefill off'})")
@@ -284,8 +288,7 @@ class RouterState:
             return 0
         need = -(-(prompt_len + 1) // self.block_size)
         fit = {role for role in ROLES if self._fitting(role, need)}
-        if "colocated" in fit or ("decode" in fit and (
-                "prefill" in fit or self._decode_serves_whole())):
+        if _can_serve(fit, self._decode_serves_whole()):
             return need
         # name the pool that is too small: the decode workers' unless they are not the problem
         roles = [r for r in ("colocated", "decode", "prefill") if self.live(r) and r not in fit]
