@@ -170,8 +170,19 @@ class CacheConfig:
     # Mixed into the root of every block hash, so that two deployments that must not share
     # cache entries (other weights, other tenants) never collide.
     hash_salt: str = ""
+    # Tiers below the pool (kv/tiers.py): blocks the pool evicts are kept in host DRAM (this
+    # many GiB; 0 = none), and what DRAM evicts in files under `disk_cache_dir` (up to
+    # `disk_cache_gb` GiB; the directory is this engine's own).
+    host_cache_gb: float = 0.0
+    disk_cache_dir: str | None = None
+    disk_cache_gb: float = 0.0
 
     def __post_init__(self):
+        if self.host_cache_gb < 0 or self.disk_cache_gb < 0:
+            raise InvalidRequestError("host_cache_gb and disk_cache_gb must be >= 0")
+        if self.disk_cache_gb > 0 and (not self.disk_cache_dir or self.host_cache_gb <= 0):
+            raise InvalidRequestError("a disk KV tier needs disk_cache_dir and a DRAM tier "
+                                      "(host_cache_gb > 0) above it")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -110,6 +110,13 @@ class LLMEngine:
                                root_hash(self.model_id, cc.block_size, cc.hash_salt),
                                self.max_model_len, self.eos_token_ids, cc.enable_prefix_caching)
         self.kv_manager = self.core.kv
+        self.kv_tiers = None
+        if cc.host_cache_gb > 0:
+            from splitserve.kv.tiers import KVTiers
+
+            self.kv_tiers = KVTiers(self.kv_cache, max(1, int(cc.host_cache_gb * 2**30 // per_block)),
+                                    cc.disk_cache_dir, int(cc.disk_cache_gb * 2**30 // per_block))
+            self.kv_manager.attach_tiers(self.kv_tiers)
         self.scheduler = self.core.scheduler
         self.sampler = Sampler(self.device, config.seed)
         self.runner = ModelRunner(self.model, self.kv_cache, self.sampler, self.kv_manager.block_ids, self.device)

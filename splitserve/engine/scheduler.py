@@ -230,19 +230,21 @@ class Scheduler:
             if self._outgrows_pool(req, req.num_tokens, out):
                 continue
             computed, num_hit = self.kv.get_computed_blocks(req)
+            loads = self.kv.tier_hits(req, len(computed))  # (the hit runs on into the tiers)
+            num_hit += len(loads) * self.kv.block_size
             num_new = req.num_tokens - num_hit
             if chunked:
                 num_new = min(num_new, budget)
             elif num_new > budget and not out.is_empty:
                 break  # whole prompts only; one longer than the budget goes alone
-            if not self.kv.allocate_slots(req, num_new, computed):
+            if not self.kv.allocate_slots(req, num_new, computed, loads):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
             if req.num_preemptions == 0:  # (a readmission also hits its own output's blocks)
                 req.num_cached_tokens = min(num_hit, req.num_prompt_tokens)
                 if self.kv.enable_caching:
-                    self.kv.count_lookup(req.num_prompt_tokens, req.num_cached_tokens)
+                    self.kv.count_lookup(req.num_prompt_tokens, req.num_cached_tokens, loads)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_hit, num_new))

@@ -55,6 +55,9 @@ class BlockPool:
         # KV events (router/prefix_index.py), when a list: (True, hash) when a hash becomes
         # findable, (False, hash) when it is forgotten, in that order; the owner drains it
         self.events: list[tuple[bool, bytes]] | None = None
+        # called as (hash, block id) for a cached block about to be reused, while its content
+        # is still intact (kv/tiers.py keeps a copy)
+        self.on_evict = None
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -104,6 +107,8 @@ class BlockPool:
             block_id, _ = self._free.popitem(last=False)
             b = self.blocks[block_id]
             if b.block_hash is not None:
+                if self.on_evict is not None:
+                    self.on_evict(b.block_hash, b.block_id)
                 del self._cached[b.block_hash]
                 if self.events is not None:
                     self.events.append((False, b.block_hash))

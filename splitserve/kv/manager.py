@@ -5,6 +5,16 @@ Plain Python over plain data (no torch, no clock): the scheduler calls it, the s
 A request's blocks cover its tokens in order; block j holds tokens [j*B, (j+1)*B). Only full
 blocks are hashed and cached. When a request's blocks are freed they go back in reverse order,
 so its tail (least likely to be shared) is evicted first.
+
+With tiers below the pool (`attach_tiers`; kv/tiers.py is the real one) a prompt's prefix hit
+runs on past the pool into them:
+
+    blocks [0, d)       in the pool           (touched: a reference each)
+    blocks [d, d + t)   in DRAM or on disk    (new blocks, loaded in allocate_slots)
+    blocks [d + t, ..)  computed
+
+The tiers object answers three calls — find(hash) -> tier name | None, load(hash, block_id)
+-> bool, offload(hash, block_id) — so this code stays plain (no torch, no files).
 """
 
 from __future__ import annotations
@@ -28,6 +38,15 @@ class KVCacheManager:
         # prefix-cache statistics (queried tokens vs hit tokens)
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+        self.hit_tokens_by_tier: dict[str, int] = {"device": 0}
+        self.tiers = None
+
+    def attach_tiers(self, tiers) -> None:
+        """Keep evicted blocks in `tiers` and look prompts up there after the pool."""
+        self.tiers = tiers
+        self.pool.on_evict = tiers.offload
+        for name in ("dram", "disk"):
+            self.hit_tokens_by_tier.setdefault(name, 0)
 
     def set_caching(self, enabled: bool) -> None:
         """Prefix caching on or off from now on. Off forgets every unreferenced cached block;
@@ -44,13 +63,14 @@ class KVCacheManager:
         return req.block_hashes
 
     # -- lookups ---------------------------------------------------------------------------
-    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+    def get_computed_blocks(self, req: Request, whole: bool = False) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of req's full blocks, leaving at least one token to compute
-        (the model must run on the last token to produce logits). Takes no references."""
+        (the model must run on the last token to produce logits) unless `whole` (a decode
+        worker's reservation: the prefill worker computes the rest). Takes no references."""
         if not self.enable_caching:
             return [], 0
         hashes = self.update_hashes(req)
-        max_blocks = (req.num_tokens - 1) // self.block_size
+        max_blocks = (req.num_tokens if whole else req.num_tokens - 1) // self.block_size
         hit: list[KVBlock] = []
         for h in hashes[:max_blocks]:
             b = self.pool.lookup(h)
@@ -59,39 +79,79 @@ class KVCacheManager:
             hit.append(b)
         return hit, len(hit) * self.block_size
 
-    def count_lookup(self, num_tokens: int, num_hit: int) -> None:
+    def tier_hits(self, req: Request, start: int, whole: bool = False) -> list[tuple[bytes, str]]:
+        """(hash, tier) of the prompt's blocks from block `start` on (the pool's hit ends
+        there) that the tiers hold, up to the first they do not (or one the pool holds again:
+        hits are one run of pool blocks, then one run of loads). `whole`: every full block
+        may hit (see get_computed_blocks)."""
+        if self.tiers is None or not self.enable_caching:
+            return []
+        hashes = self.update_hashes(req)
+        max_blocks = (req.num_tokens if whole else req.num_tokens - 1) // self.block_size
+        out = []
+        for h in hashes[start:max_blocks]:
+            tier = self.pool.lookup(h) is None and self.tiers.find(h)
+            if not tier:
+                break
+            out.append((h, tier))
+        return out
+
+    def count_lookup(self, num_tokens: int, num_hit: int, loads=()) -> None:
         """A request first admitted with `num_hit` of its `num_tokens` prompt tokens from the
-        cache: the prefix-cache statistics count each request once (one that waits for blocks
-        is looked up again every step; a preempted one is not counted again)."""
+        cache (`loads` of them from the tiers: tier_hits' answer): the prefix-cache statistics
+        count each request once (one that waits for blocks is looked up again every step; a
+        preempted one is not counted again)."""
         self.num_queried_tokens += num_tokens
         self.num_hit_tokens += num_hit
+        by_tier = self.hit_tokens_by_tier
+        for _, tier in loads:
+            by_tier[tier] += self.block_size
+        by_tier["device"] += num_hit - len(loads) * self.block_size
 
-    def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> int:
+    def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = (),
+                          loads=()) -> int:
         held = len(self.req_blocks.get(req.request_id, ())) + len(computed)
-        total = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        total = (req.num_computed_tokens + (len(computed) + len(loads)) * self.block_size
+                 + num_new_tokens)
         return max(0, cdiv(total, self.block_size) - held)
 
-    def can_allocate(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
+    def can_allocate(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = (),
+                     loads=()) -> bool:
         # hits on cached (unreferenced) blocks leave the free queue when touched
         evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
-        need = self.num_blocks_needed(req, num_new_tokens, computed)
+        need = self.num_blocks_needed(req, num_new_tokens, computed, loads)
         return need <= self.pool.num_free_blocks - evictable_hits
 
     # -- transitions -----------------------------------------------------------------------
-    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
-        """Make req hold blocks for num_computed_tokens + |computed|*B + num_new_tokens tokens.
-        Returns False (changing nothing) when there are not enough free blocks."""
-        need = self.num_blocks_needed(req, num_new_tokens, computed)
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = (),
+                       loads=()) -> bool:
+        """Make req hold blocks for num_computed_tokens + (|computed| + |loads|)*B +
+        num_new_tokens tokens, the first |loads| new blocks loaded from the tiers (`loads`:
+        tier_hits' answer, for a request that holds nothing yet). Returns False (changing
+        nothing but evictions) when there are not enough free blocks, or when a load fails
+        (the tier lost or refused the block: looked up again, it is a miss)."""
+        need = self.num_blocks_needed(req, num_new_tokens, computed, loads)
         if not computed and need == 0:
             return True  # most decode steps: the last block has room
-        if not self.can_allocate(req, num_new_tokens, computed):
+        if not self.can_allocate(req, num_new_tokens, computed, loads):
             return False
         blocks = self.req_blocks.setdefault(req.request_id, [])
+        n0 = len(blocks)
         if computed:
             self.pool.touch(computed)
             blocks.extend(computed)
         if need:
-            blocks.extend(self.pool.allocate(need))
+            new = self.pool.allocate(need)
+            blocks.extend(new)
+            for (h, _), b in zip(loads, new):
+                if not self.tiers.load(h, b.block_id):
+                    added = blocks[n0:]
+                    del blocks[n0:]
+                    if not blocks:
+                        del self.req_blocks[req.request_id]
+                    self.pool.free(reversed(added))
+                    return False
+                self.pool.cache(b, h)
         return True
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
