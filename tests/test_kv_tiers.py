@@ -226,3 +226,52 @@ def test_loaded_blocks_give_the_same_greedy_output_as_recomputation(real_checkpo
     assert tiers.corrupt > corrupt
     assert kvm.hit_tokens_by_tier["disk"] == before["disk"]  # nothing served from a bad file
     llm.engine.check_integrity()
+
+
+@pytest.mark.real_model
+def test_a_served_prompt_comes_back_from_the_dram_and_disk_tiers_and_metrics_say_so(tmp_path):
+    """Through real processes: serve's tier flags reach the worker, a prompt the pool has
+    evicted is loaded back from the tiers (usage's cached tokens), and /metrics counts the
+    tier hits and the bytes moved between tiers."""
+    import httpx
+    from serving_harness import Server
+
+    def ask(s, prompt):
+        r = httpx.post(s.base_url + "/completions", timeout=120, json={
+            "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    a = "The history of the printing press begins with Gutenberg's movable type. " * 8
+    others = [f"Topic {k}: the migration of birds across continents in autumn. " * 8
+              for k in range(3)]
+    # a 20-block pool (16 tokens each) holds one prompt of ~130 tokens at a time; a DRAM tier
+    # of 6 blocks, the rest on disk
+    per = 30 * 2 * 16 * 3 * 64 * 4 / 2**30
+    s = Server("--colocated", "1", "--dtype", "float32", "--num-blocks", "20",
+               "--kv-host-gb", repr(6 * per), "--kv-disk-dir", str(tmp_path),
+               "--kv-disk-gb", repr(100 * per))
+    try:
+        first = ask(s, a)
+        for p in others:
+            ask(s, p)
+        again = ask(s, a)
+        assert again["choices"][0]["text"] == first["choices"][0]["text"]
+        cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= first["usage"]["prompt_tokens"] // 16 * 16 - 16, again["usage"]
+        s.wait_idle()
+        m = {}
+        for line in httpx.get(s.url + "/metrics", timeout=5).text.splitlines():
+            if line.startswith(("splitserve_prefix_cache_tier_hits_total{",
+                                "splitserve_kv_tier_bytes_total{")):
+                name, labels = line.split("{", 1)
+                lab = dict(kv.split("=") for kv in labels.split("}")[0].replace('"', "").split(","))
+                m[(name, lab.get("tier") or f'{lab["src"]}>{lab["dst"]}')] = float(line.split()[-1])
+        hits = {k[1]: v for k, v in m.items() if k[0].endswith("tier_hits_total")}
+        moved = {k[1]: v for k, v in m.items() if k[0].endswith("tier_bytes_total")}
+        assert hits["dram"] + hits["disk"] >= cached - 16 * 2, hits
+        assert moved["device>dram"] > 0 and moved["dram>disk"] > 0, (moved, hits)
+        assert moved.get("dram>device", 0) + moved.get("disk>device", 0) > 0, moved
+        assert os.listdir(tmp_path) == ["colocated-0"] or len(os.listdir(tmp_path)) == 1
+    finally:
+        s.close()

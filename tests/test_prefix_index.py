@@ -120,6 +120,24 @@ def test_longest_prefix_by_hand():
     assert index.longest([a, b]) == {"y": 1} and index.num_blocks == 4
 
 
+def test_a_block_held_in_any_tier_counts_until_it_leaves_the_last():
+    index = PrefixIndex()
+    a, b, c = (bytes([i]) * 16 for i in range(3))
+    index.snapshot("x", [a], [("dram", True, b), ("disk", True, b)])
+    assert index.longest([a, b, c]) == {"x": 2}
+    # the pool evicts a into DRAM; DRAM pushes b out (it stays on disk); c comes to the pool
+    assert index.apply("x", 1, [(False, a), (True, c)],
+                       [("dram", True, a), ("dram", False, b)])
+    assert index.longest([a, b, c]) == {"x": 3}
+    assert index.holds("x", "device") == {c} and index.holds("x", "dram") == {a}
+    assert index.holds("x", "disk") == {b}
+    assert index.apply("x", 2, [], [("disk", False, b)])  # gone from its last tier
+    assert index.longest([a, b, c]) == {"x": 1} and index.num_blocks == 2
+    assert index.apply("x", 3, [], [("disk", False, b)])  # a repeat changes nothing
+    index.drop("x")
+    assert index.num_blocks == 0 and index.longest([a]) == {}
+
+
 def test_cache_aware_routing_weighs_the_cached_prefix_against_the_queue():
     from splitserve.router.state import RouterState
 

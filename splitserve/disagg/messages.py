@@ -106,6 +106,12 @@ class WorkerStats(msgspec.Struct):
     # the prefix cache (vLLM's convention): prompt tokens looked up, and found cached
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # found cached, by tier ("device": the pool; "dram", "disk": kv/tiers.py)
+    prefix_cache_hits_by_tier: dict[str, int] = msgspec.field(default_factory=dict)
+    # KV bytes copied between tiers, "from>to" (device>dram, dram>disk, dram>device, ...)
+    kv_tier_bytes: dict[str, int] = msgspec.field(default_factory=dict)
+    kv_tier_corrupt: int = 0  # disk blocks refused (bad checksum, size or name) or lost
+    kv_tier_blocks: dict[str, int] = msgspec.field(default_factory=dict)  # held now, by tier
 
 
 class DecodePeer(msgspec.Struct, frozen=True):
@@ -267,6 +273,8 @@ class KVEvents(msgspec.Struct, tag=True):
     events: list[tuple[bool, bytes]]
     snapshot: bool = False
     epoch: int = 0
+    # the tiers below the pool (kv/tiers.py): (tier, stored, hash), in order
+    tier_events: list[tuple[str, bool, bytes]] = msgspec.field(default_factory=list)
 
 
 class KVResync(msgspec.Struct, tag=True):

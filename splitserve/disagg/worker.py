@@ -158,6 +158,8 @@ class Worker:
         self.role_changes = 0
         # KV events for the router's prefix index: the pool records them, the loop sends them
         eng.kv_manager.pool.events = []
+        if eng.kv_tiers is not None:
+            eng.kv_tiers.events = []
         self.kv_seq = 0
         self._role_wanted: tuple[M.SetRole, float] | None = None  # a SetRole waiting (see there)
 
@@ -443,17 +445,26 @@ class Worker:
 
     # -- KV events (router/prefix_index.py) --------------------------------------------------
     def _kv_snapshot(self) -> None:
-        """Batch 0: every hash the pool can hit now (what was recorded before is in it)."""
-        pool = self.engine.kv_manager.pool
+        """Batch 0: every hash the pool and its tiers can hit now (what was recorded before
+        is in it)."""
+        pool, tiers = self.engine.kv_manager.pool, self.engine.kv_tiers
         pool.events.clear()
-        self._send(M.KVEvents(0, [(True, h) for h in pool.cached_hashes()], snapshot=True))
+        held = []
+        if tiers is not None:
+            tiers.events.clear()
+            held = [(t, True, h) for t, hs in tiers.hashes().items() for h in hs]
+        self._send(M.KVEvents(0, [(True, h) for h in pool.cached_hashes()], snapshot=True,
+                              tier_events=held))
         self.kv_seq = 1
 
     def _flush_kv_events(self) -> None:
         events = self.engine.kv_manager.pool.events
-        if events and self.registered.is_set():
-            self._send(M.KVEvents(self.kv_seq, list(events)))
+        tiers = self.engine.kv_tiers
+        tier_events = tiers.events if tiers is not None else []
+        if (events or tier_events) and self.registered.is_set():
+            self._send(M.KVEvents(self.kv_seq, list(events), tier_events=list(tier_events)))
             events.clear()
+            tier_events.clear()
             self.kv_seq += 1
 
     def _on_kv_resync(self, msg: M.KVResync) -> None:
@@ -464,6 +475,12 @@ class Worker:
         eng, st = self.engine, self.stats
         st.prefix_cache_queries = eng.kv_manager.num_queried_tokens
         st.prefix_cache_hits = eng.kv_manager.num_hit_tokens
+        st.prefix_cache_hits_by_tier = dict(eng.kv_manager.hit_tokens_by_tier)
+        if eng.kv_tiers is not None:
+            t = eng.kv_tiers
+            st.kv_tier_bytes = {f"{a}>{b}": n for (a, b), n in t.moved.items()}
+            st.kv_tier_corrupt = t.corrupt + t.lost
+            st.kv_tier_blocks = {"dram": t.usage()["dram_blocks"], "disk": t.usage()["disk_blocks"]}
         st.running = len(eng.scheduler.running)
         st.waiting = len(eng.scheduler.waiting) + len(self.decode_side.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]

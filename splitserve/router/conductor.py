@@ -482,8 +482,8 @@ class Conductor:
                 if index is None:
                     return
                 if msg.snapshot:
-                    index.snapshot(wid, [h for _, h in msg.events])
-                elif not index.apply(wid, msg.seq, msg.events):
+                    index.snapshot(wid, [h for _, h in msg.events], msg.tier_events)
+                elif not index.apply(wid, msg.seq, msg.events, msg.tier_events):
                     log.warning("KV events of %s out of sequence (batch %d); asking for a "
                                 "snapshot", wid, msg.seq)
                     self._send(wid, M.KVResync())

@@ -7,7 +7,8 @@ sequence number that starts at 0 with a snapshot (its whole cache: at registrati
 whenever the router asks); an event batch out of sequence means the index lost track of that
 worker: its entries are dropped and `apply` says so (the caller asks for a snapshot).
 
-    holders[h] = {worker ids whose pool caches block hash h}
+    holders[h] = {worker ids that hold block hash h in some tier: the pool, DRAM or disk}
+    held[w][h] = the tiers of w holding h, as bits (TIER_BITS)
     longest(h_0 .. h_n-1): for each worker, the k of the longest run h_0 .. h_k-1 it holds
     (chained hashes: h_k names the whole prefix up to block k, so a worker holding h_k with a
     gap before it still has to compute the gap; the run is what it can skip)
@@ -19,45 +20,60 @@ independent of how many blocks the cluster caches.
 
 from __future__ import annotations
 
+# a worker's pool, and the tiers below it (kv/tiers.py)
+TIER_BITS = {"device": 1, "dram": 2, "disk": 4}
+
 
 class PrefixIndex:
     def __init__(self):
         self._holders: dict[bytes, set[str]] = {}
-        self._held: dict[str, set[bytes]] = {}  # worker -> its hashes (to drop a worker at once)
+        # worker -> hash -> tier bits (also to drop a worker at once)
+        self._held: dict[str, dict[bytes, int]] = {}
         self._seq: dict[str, int] = {}  # worker -> the next event batch's number
         self.resyncs = 0  # event batches that came out of sequence
 
     # -- what the workers say --------------------------------------------------------------
-    def snapshot(self, worker_id: str, hashes) -> None:
-        """The worker's whole cache (sequence 0): replaces what the index had of it."""
+    def snapshot(self, worker_id: str, hashes, tier_events=()) -> None:
+        """The worker's whole cache (sequence 0): its pool's hashes and, as (tier, True, hash),
+        its tiers'; replaces what the index had of it."""
         self.drop(worker_id)
-        held = self._held[worker_id] = set(hashes)
-        for h in held:
-            self._holders.setdefault(h, set()).add(worker_id)
+        self._held[worker_id] = {}
         self._seq[worker_id] = 1
+        self._update(worker_id, [(True, h) for h in hashes], tier_events)
 
-    def apply(self, worker_id: str, seq: int, events) -> bool:
-        """One batch of the worker's events — (True, hash) stored, (False, hash) evicted — in
-        the order it made them. False when it is not the batch expected: the worker's entries
-        are dropped until its next snapshot."""
+    def apply(self, worker_id: str, seq: int, events, tier_events=()) -> bool:
+        """One batch of the worker's events — (True, hash) stored, (False, hash) evicted, for
+        its pool; (tier, stored, hash) for the tiers below — each list in the order it made
+        them. False when it is not the batch expected: the worker's entries are dropped until
+        its next snapshot."""
         if self._seq.get(worker_id) != seq:
             self.drop(worker_id)
             self.resyncs += 1
             return False
         self._seq[worker_id] = seq + 1
+        self._update(worker_id, events, tier_events)
+        return True
+
+    def _update(self, worker_id: str, events, tier_events) -> None:
+        # each tier's events apply in order; tiers are independent bits, so the pool's list
+        # and the tiers' may be applied one after the other
         held = self._held[worker_id]
-        for stored, h in events:
-            if stored:
-                if h not in held:
-                    held.add(h)
+        for tier, stored, h in [("device", s, h) for s, h in events] + list(tier_events):
+            bit = TIER_BITS[tier]
+            was = held.get(h, 0)
+            now = was | bit if stored else was & ~bit
+            if now == was:
+                continue
+            if now:
+                held[h] = now
+                if not was:
                     self._holders.setdefault(h, set()).add(worker_id)
-            elif h in held:
-                held.discard(h)
+            else:
+                del held[h]
                 ws = self._holders[h]
                 ws.discard(worker_id)
                 if not ws:
                     del self._holders[h]
-        return True
 
     def drop(self, worker_id: str) -> None:
         """Forget the worker (it died, or its events went out of sequence)."""
@@ -94,8 +110,13 @@ class PrefixIndex:
             out[w] = k
         return out
 
-    def holds(self, worker_id: str) -> set[bytes]:
-        return set(self._held.get(worker_id, ()))
+    def holds(self, worker_id: str, tier: str | None = None) -> set[bytes]:
+        """The hashes the worker holds (in `tier` only, when given)."""
+        held = self._held.get(worker_id, {})
+        if tier is None:
+            return set(held)
+        bit = TIER_BITS[tier]
+        return {h for h, bits in held.items() if bits & bit}
 
     @property
     def num_blocks(self) -> int:

@@ -91,6 +91,11 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
         cmd += ["--max-model-len", str(a.max_model_len)]
     if a.num_blocks:
         cmd += ["--num-blocks", str(a.num_blocks)]
+    if a.kv_host_gb:
+        cmd += ["--kv-host-gb", str(a.kv_host_gb)]
+    if a.kv_disk_dir and a.kv_disk_gb:
+        cmd += ["--kv-disk-dir", os.path.join(a.kv_disk_dir, worker_id),
+                "--kv-disk-gb", str(a.kv_disk_gb)]
     reroleable = getattr(a, "reroleable", False) or getattr(a, "planner", "off") != "off"
     if reroleable:
         cmd.append("--reroleable")
@@ -356,6 +361,13 @@ def add_serve_args(p) -> None:
     p.add_argument("--log-level", default="warning")
 
 
+def check_tier_flags(a) -> None:
+    if a.kv_host_gb < 0 or a.kv_disk_gb < 0:
+        raise SystemExit("--kv-host-gb and --kv-disk-gb must be >= 0")
+    if a.kv_disk_gb and not (a.kv_disk_dir and a.kv_host_gb):
+        raise SystemExit("--kv-disk-gb needs --kv-disk-dir and a DRAM tier above it (--kv-host-gb)")
+
+
 def add_worker_args(p) -> None:
     """Flags every worker takes (serve passes them on)."""
     p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
@@ -376,6 +388,14 @@ def add_worker_args(p) -> None:
                    help="prefill priority (vLLM v0 style) instead of Sarathi-style chunking")
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--kv-host-gb", type=float, default=0.0,
+                   help="a host DRAM tier below the KV pool (kv/tiers.py): blocks the pool evicts "
+                        "are kept there and loaded back instead of recomputed (0: none)")
+    p.add_argument("--kv-disk-dir", default=None,
+                   help="a disk tier below the DRAM tier: one checksummed file per block in this "
+                        "directory (serve gives each worker a subdirectory named by its id)")
+    p.add_argument("--kv-disk-gb", type=float, default=0.0,
+                   help="the disk tier's size (needs --kv-disk-dir and --kv-host-gb)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--reroleable", action="store_true",
                    help="the worker can change role while it runs (POST /admin/role, serve "
@@ -391,6 +411,7 @@ def run_serve(a) -> int:
     if not a.colocated and (a.prefill < 0 or a.decode < 0):
         raise SystemExit("--prefill and --decode count workers: >= 0 (0 and 0: the router alone, "
                          "workers join with `splitserve worker --router`)")
+    check_tier_flags(a)
     if a.drain_timeout < 0:
         raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
     if a.max_queue < 0:
@@ -441,6 +462,7 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
     from splitserve.disagg import faults
 
     faults.exit_at_start(a.role)  # (a fault for the restart tests; nothing unless asked for)
+    check_tier_flags(a)
     from splitserve.config import CacheConfig, SchedulerConfig
     from splitserve.disagg.worker import WorkerConfig, run_worker
 
@@ -451,7 +473,9 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
     ec = replace(
         engine, num_threads=engine.num_threads or (len(cores) if cores else None),
         max_model_len=a.max_model_len,
-        cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb),
+        cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb,
+                          host_cache_gb=a.kv_host_gb, disk_cache_dir=a.kv_disk_dir,
+                          disk_cache_gb=a.kv_disk_gb),
         scheduler=SchedulerConfig(max_num_batched_tokens=a.max_num_batched_tokens,
                                   max_num_seqs=a.max_num_seqs,
                                   chunked_prefill=not a.no_chunked_prefill, role=a.role,

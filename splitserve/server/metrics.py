@@ -149,8 +149,29 @@ class WorkerCollector:
                 "splitserve_prefix_cache_hits", "Prompt tokens found in the worker's prefix "
                 "cache", labels=labels),
         }
+        # the tiers below the pool (kv/tiers.py): hits by tier, bytes between tiers
+        tier_hits = CounterMetricFamily(
+            "splitserve_prefix_cache_tier_hits", "Prompt tokens found in the prefix cache, by "
+            "tier (device: the worker's KV pool; dram, disk: the tiers below it)",
+            labels=labels + ["tier"])
+        tier_bytes = CounterMetricFamily(
+            "splitserve_kv_tier_bytes", "KV bytes copied between a worker's tiers",
+            labels=labels + ["src", "dst"])
+        tier_corrupt = CounterMetricFamily(
+            "splitserve_kv_tier_corrupt", "Disk KV blocks refused (checksum, size or name "
+            "wrong) or lost, and recomputed", labels=labels)
+        tier_blocks = GaugeMetricFamily("splitserve_kv_tier_blocks", "KV blocks each tier "
+                                        "below the pool holds", labels=labels + ["tier"])
         for s in stats:
             key = [str(s["worker_id"]), str(s["role"])]
+            for tier, n in (s.get("prefix_cache_hits_by_tier") or {}).items():
+                tier_hits.add_metric(key + [tier], n)
+            for move, n in (s.get("kv_tier_bytes") or {}).items():
+                tier_bytes.add_metric(key + move.split(">", 1), n)
+            if s.get("kv_tier_blocks"):
+                tier_corrupt.add_metric(key, s.get("kv_tier_corrupt", 0))
+            for tier, n in (s.get("kv_tier_blocks") or {}).items():
+                tier_blocks.add_metric(key + [tier], n)
             for field, family in counters.items():
                 family.add_metric(key, s.get(field, 0))
             for field, family in gauges.items():
@@ -166,6 +187,7 @@ class WorkerCollector:
         yield kv_seconds
         yield kv_transfers
         yield local_prefills
+        yield from (tier_hits, tier_bytes, tier_corrupt, tier_blocks)
         yield from self._roles()
 
     def _roles(self):
