@@ -87,3 +87,18 @@ def app_in_thread(app):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+# A prefill worker's prompt steps each take this much longer (disagg/faults.py): the tests that
+# act mid-prefill (kill, stall, abort while queued) need a prefill that lasts seconds, and a CPU
+# with AMX ends a 700-token prompt in 0.6 s, before the heartbeats say it started.
+SLOW_PREFILL = "slow_prefill:250@prefill"
+
+
+def slow_prefill_server(*args: str):
+    """A Server (serving_harness) whose prefill workers run SLOW_PREFILL."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPLITSERVE_FAULTS", SLOW_PREFILL)
+        return Server(*args)

@@ -126,7 +126,8 @@ def offline_texts():
     from splitserve.engine.engine import LLMEngine
     from splitserve.request import SamplingParams
 
-    eng = LLMEngine(EngineConfig(num_threads=1, scheduler=SchedulerConfig(max_num_batched_tokens=64)))
+    eng = LLMEngine(EngineConfig(num_threads=1, dtype="float32",
+                                 scheduler=SchedulerConfig(max_num_batched_tokens=64)))
     out = {}
     for p in PROMPTS:
         eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -147,8 +148,11 @@ def test_workers_change_role_under_load_and_every_request_finishes_as_offline(
     from serving_harness import Server
 
     # local prefill off: every prompt is prefilled whole (one chunk, as offline), never in a
-    # decode worker's 8-token chunks, whose bf16 rounding may fork a greedy text at a near-tie
-    s = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off", "--reroleable")
+    # decode worker's 8-token chunks; fp32: each prompt comes three times (prefix-cache hits
+    # on every worker by the third) in batches of four, and in bf16 a hit or another batch
+    # shape can fork a 96-token greedy text at a near-tie (on an AMX CPU one did)
+    s = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off", "--reroleable",
+               "--dtype", "float32")
     try:
         results: dict[str, str] = {}
 

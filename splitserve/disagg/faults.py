@@ -8,6 +8,10 @@ purpose, on requests that carry a marker token, so a test can aim a fault at one
                                            after the earlier chunks ran; any decode step of
                                            that request fails too)
     SPLITSERVE_FAULTS="step_error:TOKEN@ROLE"   the same, only on workers of that role
+    SPLITSERVE_FAULTS="slow_prefill:MS@ROLE"   every step that computes prompt tokens takes
+                                           MS milliseconds longer (a slow machine on any
+                                           machine: tests that act mid-prefill need the
+                                           prefill to last, and a fast CPU ends it at once)
     SPLITSERVE_FAULTS="exit_at_start@ROLE"     a worker of that role (every worker without
                                            @ROLE) exits with code 3 as soon as it starts,
                                            before loading the model: a crash loop, for
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from splitserve.errors import SplitServeError
 
@@ -42,9 +47,9 @@ def parse(spec: str) -> list[tuple[str, int, str | None]]:
         if kind == "exit_at_start" and not arg:
             out.append((kind, 0, role or None))
             continue
-        if kind != "step_error" or not arg.lstrip("-").isdigit():
-            raise SplitServeError(f"{ENV}: cannot read {item!r} (expected step_error:TOKEN[@ROLE] "
-                                  "or exit_at_start[@ROLE])")
+        if kind not in ("step_error", "slow_prefill") or not arg.lstrip("-").isdigit():
+            raise SplitServeError(f"{ENV}: cannot read {item!r} (expected step_error:TOKEN[@ROLE], "
+                                  "slow_prefill:MS[@ROLE] or exit_at_start[@ROLE])")
         out.append((kind, int(arg), role or None))
     return out
 
@@ -58,12 +63,15 @@ def exit_at_start(role: str) -> None:
 
 def install(engine, role: str) -> None:
     """Hook the faults named in the environment into `engine` (an LLMEngine) of a worker."""
-    poison = {tok for k, tok, r in parse(os.environ.get(ENV, ""))
-              if k == "step_error" and r in (None, role)}
-    if not poison:
+    faults = [(k, arg) for k, arg, r in parse(os.environ.get(ENV, "")) if r in (None, role)]
+    poison = {tok for k, tok in faults if k == "step_error"}
+    slow_s = sum(ms for k, ms in faults if k == "slow_prefill") / 1000.0
+    if not poison and not slow_s:
         return
 
     def before_forward(out) -> None:
+        if slow_s and any(ch.start < ch.request.num_prompt_tokens for ch in out.chunks):
+            time.sleep(slow_s)
         for ch in out.chunks:
             prompt = ch.request.prompt_token_ids
             at = min((prompt.index(t) for t in poison if t in prompt), default=None)

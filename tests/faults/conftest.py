@@ -62,3 +62,4 @@ class Offline:
 @pytest.fixture(scope="session")
 def offline(real_model_path) -> Offline:
     return Offline()
+

@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server
+from serving_harness import Server, slow_prefill_server
 from texts import PRESS, RIVER, SHIP
 
 pytestmark = pytest.mark.real_model
@@ -160,7 +160,7 @@ def test_a_prefill_worker_killed_mid_transfer(offline):
     a_ids = offline.ids(PRESS, 700)  # ~11 chunks: seconds of prefill at one thread
     after = [(offline.ids(RIVER, 230), 16), (offline.ids(SHIP, 150), 16)]
     wants = [offline(p, n) for p, n in after]
-    srv = Server("--prefill", "1", "--decode", "1", "--kv-transport", "tcp")
+    srv = slow_prefill_server("--prefill", "1", "--decode", "1", "--kv-transport", "tcp")
     try:
         pre, dec = _one(srv, "prefill"), _one(srv, "decode")
         a = _Call(srv, a_ids, 8)
@@ -208,8 +208,9 @@ def test_a_stalled_prefill_worker_never_writes_into_blocks_given_to_another_requ
     decodes and must not write (its lease expired), and is told to exit."""
     a_ids, b_ids, c_ids = offline.ids(PRESS, 700), offline.ids(RIVER, 600), offline.ids(SHIP, 300)
     b_want, b_lps, c_want = offline(b_ids, 100), offline.logprobs(b_ids, 100), offline(c_ids, 16)
-    srv = Server("--prefill", "1", "--decode", "1", "--kv-transport", "shm",
-                 "--heartbeat-timeout", str(HB_TIMEOUT_S), "--num-blocks", str(STALL_POOL))
+    srv = slow_prefill_server("--prefill", "1", "--decode", "1", "--kv-transport", "shm",
+                              "--heartbeat-timeout", str(HB_TIMEOUT_S),
+                              "--num-blocks", str(STALL_POOL))
     stopped = False
     try:
         pre, dec = _one(srv, "prefill"), _one(srv, "decode")

@@ -24,7 +24,7 @@ from datetime import datetime
 
 import httpx
 import pytest
-from serving_harness import Server, wait_for
+from serving_harness import Server, slow_prefill_server, wait_for
 from texts import GARDEN, PRESS, RIVER, SHIP
 
 from splitserve.bench.compare import free_port, stop_server
@@ -37,7 +37,7 @@ BACK_BOUND_S = 180.0  # backoff 0.5 s + a worker's start (model load: ~40 s on a
 
 @pytest.fixture(scope="module")
 def srv(real_model_path):
-    s = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
+    s = slow_prefill_server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
     try:
         yield s
     finally:
@@ -227,8 +227,13 @@ def test_a_worker_that_dies_at_once_is_restarted_at_growing_intervals_up_to_max_
         r = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": "default", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(ids, 8), r.text
-        # prefilled by the decode worker itself: no prefill worker is left
-        row = httpx.get(url + "/health", timeout=5).json()["workers"][0]
+        # prefilled by the decode worker itself: no prefill worker is left (its count comes
+        # with its next heartbeat: a fast machine answers before that)
+        def counted():
+            row = httpx.get(url + "/health", timeout=5).json()["workers"][0]
+            return row if row["local_prefills"] else None
+
+        row = wait_for(counted, 10, "the decode worker's local prefill in /health")
         assert row["role"] == "decode" and row["local_prefills"] == 1, row
     finally:
         stop_server(proc)

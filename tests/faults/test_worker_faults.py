@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server
+from serving_harness import Server, slow_prefill_server
 from texts import PRESS, RIVER
 
 pytestmark = pytest.mark.real_model
@@ -101,7 +101,7 @@ def pd():
     """One P/D server for the tests below. Each test's prompts start with words of their own,
     so no test gets a prefix-cache hit from another's (that would move its chunk boundaries,
     and with them the bf16 numerics the offline engine is compared with)."""
-    srv = Server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
+    srv = slow_prefill_server("--prefill", "1", "--decode", "1", "--local-prefill", "off")
     yield srv
     srv.close()
 
