@@ -38,8 +38,10 @@ def load_runner(base_url: str, model: str = "default", api_key: str | None = Non
 
 
 def prefix_counters(base_url: str) -> tuple[float, float] | None:
-    """(hit, queried) prompt tokens summed over the server's workers, from its /metrics
-    (splitserve's prefix-cache counters), or None when it has none (another server)."""
+    """(hit, queried) prompt tokens summed over the server's computing workers (co-located
+    and prefill: a decode worker's reservations reuse blocks to move fewer, not to compute
+    fewer), from its /metrics (splitserve's prefix-cache counters), or None when it has none
+    (another server)."""
     import httpx
 
     url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
@@ -51,7 +53,8 @@ def prefix_counters(base_url: str) -> tuple[float, float] | None:
     found = False
     for line in text.splitlines():
         for key in sums:
-            if line.startswith(f"splitserve_prefix_cache_{key}_total{{"):
+            if (line.startswith(f"splitserve_prefix_cache_{key}_total{{")
+                    and 'role="decode"' not in line):
                 sums[key] += float(line.rsplit(" ", 1)[1])
                 found = True
     return (sums["hits"], sums["queries"]) if found else None

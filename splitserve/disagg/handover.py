@@ -4,9 +4,12 @@ the returned decisions into sends; the simulator drives the same classes.
 
 Prefill side — `PrefillSide`: where each request's KV goes and which blocks each chunk writes.
 
-    blocks written for a chunk of tokens [start, end):  [min(next_block, start // B), ceil(end / B))
+    blocks written for a chunk of tokens [start, end):
+        [max(skip, min(next_block, start // B)), ceil(end / B))
     from block 0 on a request's first chunk (its prefix-cache hits were never computed here but
-    must be sent); a partial last block is written again by the next chunk.
+    must be sent); a partial last block is written again by the next chunk; never below `skip`,
+    the leading blocks the decode worker holds already (its own prefix cache: a conversation's
+    earlier turns), so only the rest of the prompt moves.
 
 Decode side — `DecodeSide`: reservations, their deadlines and fences.
 
@@ -45,11 +48,14 @@ class Target:
     bytes: int = 0
     write_seconds: float = 0.0
     error: str | None = None
+    skip_blocks: int = 0  # the decode worker holds blocks [0, skip) already: never written
 
     def chunk_blocks(self, start: int, num_new_tokens: int, block_size: int) -> tuple[int, int]:
-        """The block range [b0, b1) a chunk of tokens [start, start + num_new_tokens) writes."""
+        """The block range [b0, b1) a chunk of tokens [start, start + num_new_tokens) writes
+        (empty when the chunk lies in the blocks the decode worker holds)."""
         end = start + num_new_tokens
-        return min(self.next_block, start // block_size), -(-end // block_size)
+        b0 = max(self.skip_blocks, min(self.next_block, start // block_size))
+        return b0, max(b0, -(-end // block_size))
 
     def chunk_written(self, start: int, num_new_tokens: int, block_size: int) -> None:
         """Every layer of the chunk is written: its full blocks need not be sent again."""
@@ -61,13 +67,18 @@ class PrefillSide:
         self.block_size = block_size
         self.targets: dict[str, Target] = {}
 
-    def add(self, request_id: str, peer_id: str, dst_blocks: list[int], prompt_len: int) -> Target:
+    def add(self, request_id: str, peer_id: str, dst_blocks: list[int], prompt_len: int,
+            skip_blocks: int = 0) -> Target:
         if request_id in self.targets:
             raise SplitServeError(f"request id {request_id!r} is already being prefilled here")
         if len(dst_blocks) * self.block_size < prompt_len:
             raise SplitServeError(f"{len(dst_blocks)} reserved blocks cannot hold {prompt_len} "
                                   "prompt tokens")
-        t = self.targets[request_id] = Target(request_id, peer_id, list(dst_blocks))
+        if not 0 <= skip_blocks <= min(len(dst_blocks), prompt_len // self.block_size):
+            raise SplitServeError(f"{skip_blocks} blocks said to be held already, of a "
+                                  f"{prompt_len}-token prompt in {len(dst_blocks)} blocks")
+        t = self.targets[request_id] = Target(request_id, peer_id, list(dst_blocks),
+                                              skip_blocks=skip_blocks)
         return t
 
     def get(self, request_id: str) -> Target | None:
@@ -124,6 +135,7 @@ class Reservation:
 class Reserved:
     request_id: str
     block_ids: list[int]
+    cached_blocks: int = 0  # leading blocks that hold the prompt's KV already (not written)
 
 
 @dataclass(frozen=True)
@@ -160,25 +172,26 @@ class DecodeSide:
     def queue(self, request_id: str, prefill_worker_id: str, payload: Any) -> None:
         self.pending.append(Pending(request_id, prefill_worker_id, payload))
 
-    def tick(self, now: float, try_reserve: Callable[[Any], list[int] | None]) -> list[Action]:
+    def tick(self, now: float, try_reserve: Callable[[Any], tuple[list[int], int] | None]
+             ) -> list[Action]:
         """Reserve for the pending requests in order while blocks are free (`try_reserve` returns
-        the block ids or None, or raises SplitServeError for a request that can never fit),
-        then apply the deadlines."""
+        the block ids and how many leading ones hold the prompt's KV already, or None, or
+        raises SplitServeError for a request that can never fit), then apply the deadlines."""
         actions: list[Action] = []
         while self.pending:
             p = self.pending[0]
             try:
-                blocks = try_reserve(p.payload)
+                got = try_reserve(p.payload)
             except SplitServeError as e:
                 self.pending.popleft()
                 actions.append(Fail(p.request_id, str(e)))
                 continue
-            if blocks is None:
+            if got is None:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
             self.reservations[p.request_id] = Reservation(
                 p.request_id, p.prefill_worker_id, p.payload, now + self.kv_queue_timeout_s)
-            actions.append(Reserved(p.request_id, blocks))
+            actions.append(Reserved(p.request_id, *got))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:
                 r.fenced_at = now

@@ -220,6 +220,7 @@ class Reserved(msgspec.Struct, tag=True):
     request_id: str
     block_ids: list[int]
     epoch: int = 0  # the sender's incarnation (Welcome.epoch); so are Outputs' and Failed's
+    cached_blocks: int = 0  # leading blocks holding the prompt's KV already (its prefix cache)
 
 
 class Prefill(msgspec.Struct, tag=True):
@@ -231,6 +232,7 @@ class Prefill(msgspec.Struct, tag=True):
     peer: DecodePeer
     block_ids: list[int]
     epoch: int = 0
+    skip_blocks: int = 0  # the peer holds the first block_ids already: write from this one on
 
 
 class Abort(msgspec.Struct, tag=True):

@@ -99,10 +99,12 @@ class Worker:
         self.worker_id = cfg.worker_id or f"{cfg.role}-{socket.gethostname()}-{os.getpid()}"
         if cfg.cores:
             os.sched_setaffinity(0, cfg.cores)
+        # every role caches: a decode worker's reservation reuses the blocks it holds (a
+        # conversation's earlier turns), and the prefill worker writes only the rest
         self._prefix_caching = cfg.engine.cache.enable_prefix_caching
         ec = replace(cfg.engine, scheduler=self._scheduler_config(cfg.role),
                      cache=replace(cfg.engine.cache,
-                                   enable_prefix_caching=self._caching_for(cfg.role)))
+                                   enable_prefix_caching=self._prefix_caching))
         decode_capable = cfg.role == "decode" or cfg.reroleable
         if decode_capable and cfg.data_host in ("*", "0.0.0.0", "::", ""):
             raise SplitServeError(f"--data-host {cfg.data_host!r} is not an address prefill workers "
@@ -173,11 +175,6 @@ class Worker:
             return replace(base, role=role)
         chunk = self.cfg.decode_prefill_chunk if role == "decode" else None
         return replace(base, role=role, prefill_chunk_while_decoding=chunk)
-
-    def _caching_for(self, role: str) -> bool:
-        # decode-side prefix hits are not used (reserve takes the whole prompt); caching the
-        # written blocks would only keep stale hashes alive
-        return self._prefix_caching and role != "decode"
 
     @staticmethod
     def _kv_spec(eng: LLMEngine) -> M.KVSpec:
@@ -568,7 +565,7 @@ class Worker:
                 eng = self.engine
                 config = self._scheduler_config(msg.role)
                 policy = self.cfg.prefill_policy if msg.role == "decode" else None
-                eng.core.set_role(config, self._caching_for(msg.role))
+                eng.core.set_role(config, self._prefix_caching)
                 eng.scheduler.prefill_policy = policy
                 self.role, self.epoch = msg.role, msg.epoch
                 self.epochs.add(msg.epoch)
@@ -669,7 +666,8 @@ class Worker:
         try:
             self._sender(msg.peer)
             # refuses a duplicate id (the live request's target stays) and too few blocks
-            self.prefill_side.add(rid, msg.peer.worker_id, msg.block_ids, len(msg.prompt_token_ids))
+            self.prefill_side.add(rid, msg.peer.worker_id, msg.block_ids, len(msg.prompt_token_ids),
+                                  msg.skip_blocks)
         except SplitServeError as e:
             self._fail(rid, str(e))
             return
@@ -744,15 +742,20 @@ class Worker:
             return
         self.decode_side.queue(msg.request_id, msg.prefill_worker_id, msg)
 
-    def _reserve(self, msg: M.Reserve) -> list[int] | None:
-        return self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
-                                   msg.request_id)
+    def _reserve(self, msg: M.Reserve) -> tuple[list[int], int] | None:
+        ids = self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
+                                  msg.request_id)
+        if ids is None:
+            return None
+        cached = self.engine.scheduler.requests[msg.request_id].num_cached_tokens
+        return ids, cached // self.spec.block_size
 
     def _decode_housekeeping(self, now: float) -> None:
         for a in self.decode_side.tick(now, self._reserve):
             match a:
                 case Reserved():
-                    self._send(M.Reserved(a.request_id, a.block_ids))
+                    self._send(M.Reserved(a.request_id, a.block_ids,
+                                          cached_blocks=a.cached_blocks))
                 case Fail():
                     self._fail(a.request_id, a.message)
                 case Free():  # fenced, and the writer never said it stopped

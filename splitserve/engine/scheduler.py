@@ -114,13 +114,27 @@ class Scheduler:
     # decode role -----------------------------------------------------------------------------
     def reserve(self, req: Request) -> list[int] | None:
         """Decode role: hold blocks for req's prompt, to be written by a prefill worker.
-        Returns their ids, or None when the blocks or sequence slots are not available now."""
+        Returns their ids, or None when the blocks or sequence slots are not available now.
+
+        The prompt's leading full blocks this worker already caches (an earlier turn of the
+        conversation, decoded here) are reused, from the pool or its tiers: the prefill worker
+        writes only the blocks after them. `req.num_cached_tokens` says how many tokens:
+
+            blocks [0, num_cached_tokens / B)     held here already (shared, never written)
+            blocks [num_cached_tokens / B, ...)   written by the prefill worker
+        """
         self._check_new(req)
         busy = sum(1 for r in self.requests.values() if not r.is_finished)
         if busy >= self.config.max_num_seqs:
             return None
-        if not self.kv.allocate_slots(req, req.num_prompt_tokens):
+        computed, num_hit = self.kv.get_computed_blocks(req, whole=True)
+        loads = self.kv.tier_hits(req, len(computed), whole=True)
+        num_hit += len(loads) * self.kv.block_size
+        if not self.kv.allocate_slots(req, req.num_prompt_tokens - num_hit, computed, loads):
             return None
+        req.num_cached_tokens = num_hit
+        if self.kv.enable_caching:
+            self.kv.count_lookup(req.num_prompt_tokens, num_hit, loads)
         req.status = RequestStatus.WAITING_FOR_KV
         self.requests[req.request_id] = req
         return self.kv.block_ids(req.request_id)

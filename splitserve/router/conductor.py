@@ -496,7 +496,8 @@ class Conductor:
                 s = self._streams[rid]
                 epoch = self.state.tracks[rid].views[prefill].epoch
                 self.state.prefill_sent(rid, self._send(prefill, M.Prefill(
-                    rid, s.prompt, M.Params.of(s.params), w.peer, msg.block_ids, epoch), rid))
+                    rid, s.prompt, M.Params.of(s.params), w.peer, msg.block_ids, epoch,
+                    skip_blocks=msg.cached_blocks), rid))
 
     def _heartbeat(self, hb_ident: str, msg) -> None:
         w = self.workers.get(hb_ident[:-3])

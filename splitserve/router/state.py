@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 
 from splitserve.errors import IntegrityError, InvalidRequestError, ServiceUnavailable
 from splitserve.router.admission import Overloaded
-from splitserve.router.policies import CacheAware, LeastLoaded, LocalPrefill, RoundRobin
+from splitserve.router.policies import (
+    CacheAware,
+    CachedDecode,
+    LeastLoaded,
+    LocalPrefill,
+    RoundRobin,
+)
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.reroling import EVERYTHING, HANDOVERS, NOTHING, ROLES, must_finish
 
@@ -113,6 +119,7 @@ class RouterState:
         self.routing = routing
         self.prefix_index = PrefixIndex() if routing == "cache-aware" else None
         self._cache_policy = CacheAware()
+        self._decode_cache_policy = CachedDecode()
         self.workers: dict[str, WorkerView] = {}
         # admission.Admission: decides once the workers are chosen (None: accept every request)
         self.admission = admission
@@ -261,17 +268,20 @@ class RouterState:
     # -- routing -----------------------------------------------------------------------------
     def wants_hashes(self) -> bool:
         """A prompt's block hashes can change the route: cache-aware, with more than one
-        worker that could compute it."""
+        worker that could compute it, or more than one decode worker to hand it to."""
         return self.prefix_index is not None and (
-            len(self.routable("colocated")) + len(self.routable("prefill")) > 1)
+            len(self.routable("colocated")) + len(self.routable("prefill")) > 1
+            or len(self.routable("decode")) > 1)
 
     def _pick(self, role: str, need: int = 0, prompt: tuple[int, dict] | None = None) -> str | None:
-        """`prompt`: (its tokens, worker -> tokens cached) for a worker that computes it, when
-        routing is cache-aware."""
+        """`prompt`: (its tokens, worker -> tokens cached), when routing is cache-aware: for a
+        worker that computes it (CacheAware), or a decode worker it is handed to
+        (CachedDecode)."""
         # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
         fitting = self._fitting(role, need)
         if prompt is not None and any(w.worker_id in prompt[1] for w in fitting):
-            return self._cache_policy.pick(fitting, *prompt)
+            policy = self._decode_cache_policy if role == "decode" else self._cache_policy
+            return policy.pick(fitting, *prompt)
         return self.policies[role].pick(fitting)  # (no candidate caches any: the load decides)
 
     def _fitting(self, role: str, need: int) -> list[WorkerView]:
@@ -317,14 +327,17 @@ class RouterState:
                                       f"context is {self.max_model_len}", param="prompt")
         need = self._check_fits(prompt_len)
         t = Track(request_id, prompt_len, max_tokens)
-        turns = [p.turn for p in self.policies.values()] + [self._cache_policy.turn]
-        prompt = None
+        restore = [*self.policies.values(), self._cache_policy, self._decode_cache_policy]
+        turns = [p.turn for p in restore]
+        prompt = held = None
         if self.prefix_index is not None and block_hashes:
-            # what the worker will hit: whole blocks, the prompt's last token always computed
+            # what a computing worker will hit: whole blocks, the prompt's last token always
+            # computed; a decode worker reuses every whole block it holds
             bs = self.block_size or 1
             most = (prompt_len - 1) // bs
             hits = self.prefix_index.longest(block_hashes)
             prompt = (prompt_len, {w: min(k, most) * bs for w, k in hits.items()})
+            held = (prompt_len, {w: min(k, prompt_len // bs) * bs for w, k in hits.items()})
         whole = self._pick("colocated", need, prompt)
         prefill = self._pick("prefill", need, prompt) if whole is None else None
         if whole is None and prefill is None and self._decode_serves_whole():
@@ -336,14 +349,14 @@ class RouterState:
         if whole is not None:
             t.worker = whole
         else:
-            t.prefill, t.decode = prefill, self._pick("decode", need)
+            t.prefill, t.decode = prefill, self._pick("decode", need, held)
             if t.prefill is None or t.decode is None:
                 raise ServiceUnavailable("no prefill+decode pair is alive")
             t.t_reserve = now
         if self.admission is not None:
             verdict = self.admission.decide(self, t, now, slo, priority)
             if not verdict.admit:  # as if it never came: the round-robin turns go back too
-                for p, turn in zip([*self.policies.values(), self._cache_policy], turns):
+                for p, turn in zip(restore, turns):
                     p.turn = turn
                 raise Overloaded(verdict)
         for wid in (t.worker, t.prefill, t.decode):

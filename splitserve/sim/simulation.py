@@ -198,14 +198,14 @@ class Simulation:
         self._kv_seq[wid] = seq + 1
         self.state.prefix_index.apply(wid, seq, events)
 
-    def _on_reserved(self, wid: str, rid: str, block_ids: list[int]) -> None:
+    def _on_reserved(self, wid: str, rid: str, block_ids: list[int], cached_blocks: int = 0) -> None:
         pid = self.state.on_reserved(rid, wid, self.loop.now)
         if pid is None:  # nobody will write these blocks
             self._to_worker(wid, Abort(rid))
             return
         c = self.clients[rid]
         req = Request(rid, c.prompt, sim_params(c.spec.output_len), arrival_time=self.loop.now)
-        self._to_worker(pid, Prefill(req, wid, list(block_ids)))
+        self._to_worker(pid, Prefill(req, wid, list(block_ids), cached_blocks))
         self.state.prefill_sent(rid, True)
 
     def _fail(self, rid: str, message: str) -> None:

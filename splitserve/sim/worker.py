@@ -62,6 +62,7 @@ class Prefill:
     request: Request
     decode_worker_id: str
     block_ids: list[int]
+    skip_blocks: int = 0  # held by the decode worker already: not written
 
 
 @dataclass
@@ -119,7 +120,8 @@ class SimWorker:
         self.role = spec.role
         self.spec = spec
         self.latency = spec.latency or latency
-        enable_caching = spec.enable_prefix_caching and spec.role != "decode"  # as the real worker
+        # every role caches, as the real worker: a decode worker's reservations reuse its blocks
+        enable_caching = spec.enable_prefix_caching
         self.core = EngineCore(spec.scheduler, spec.num_blocks, spec.block_size,
                                root_hash("sim", spec.block_size), spec.max_model_len,
                                enable_prefix_caching=enable_caching,
@@ -174,7 +176,7 @@ class SimWorker:
         req = msg.request
         try:
             self.prefill_side.add(req.request_id, msg.decode_worker_id, msg.block_ids,
-                                  req.num_prompt_tokens)
+                                  req.num_prompt_tokens, msg.skip_blocks)
         except SplitServeError as e:
             out.append(_Output(req.request_id, 0, True, failed=str(e)))
             return
@@ -208,12 +210,16 @@ class SimWorker:
                 self.core.trace.append(("at", req.request_id, self.sim.loop.now))
             out.append(_Output(req.request_id, 1, req.is_finished, handover=True))
 
+    def _reserve(self, req: Request) -> tuple[list[int], int] | None:
+        ids = self.core.reserve(req)
+        return None if ids is None else (ids, req.num_cached_tokens // self.core.kv.block_size)
+
     def _housekeeping(self, out: list[_Output]) -> None:
         now = self.sim.loop.now
-        for a in self.decode_side.tick(now, self.core.reserve):
+        for a in self.decode_side.tick(now, self._reserve):
             match a:
-                case Reserved(request_id=rid, block_ids=blocks):
-                    self.sim.router_receive(self, "reserved", rid, blocks)
+                case Reserved(request_id=rid, block_ids=blocks, cached_blocks=cached):
+                    self.sim.router_receive(self, "reserved", rid, blocks, cached)
                 case Fail(request_id=rid, message=m):
                     out.append(_Output(rid, 0, True, failed=m))
                 case Free(request_id=rid):
