@@ -68,37 +68,30 @@ class CacheAware:
         if not workers:
             return None
         floor = min(w.outstanding for w in workers) + self.max_imbalance
-        costs = {w.worker_id: (w.queued_prompt_tokens + w.prefill_tokens + prompt_tokens
-                               - cached_tokens.get(w.worker_id, 0), w.outstanding)
+        costs = {w.worker_id: (self.cost(w, prompt_tokens, cached_tokens.get(w.worker_id, 0)),
+                               w.outstanding)
                  for w in workers if w.outstanding <= floor}
         least = min(costs.values())
         tied = sorted(wid for wid, c in costs.items() if c == least)
         self.turn += 1
         return tied[self.turn % len(tied)]
 
+    @staticmethod
+    def cost(w, prompt_tokens: int, cached: int) -> int:
+        """Prompt tokens the worker computes before this prompt's first token."""
+        return w.queued_prompt_tokens + w.prefill_tokens + prompt_tokens - cached
 
-class CachedDecode:
+
+class CachedDecode(CacheAware):
     """The decode worker of a hand-over, when one of them holds a prefix of the prompt (its
     prefix cache: a conversation's earlier turns decoded there): the one that holds the most,
     so the fewest blocks move (the prefill worker writes only the rest). The same balance
     guard as CacheAware: only workers within `max_imbalance` outstanding requests of the least
     loaded compete. Ties: fewer outstanding, then round-robin."""
 
-    def __init__(self, max_imbalance: int = 4):
-        self.max_imbalance = max_imbalance
-        self.turn = 0
-
-    def pick(self, workers: Sequence, prompt_tokens: int,
-             cached_tokens: dict[str, int]) -> str | None:
-        if not workers:
-            return None
-        floor = min(w.outstanding for w in workers) + self.max_imbalance
-        costs = {w.worker_id: (-cached_tokens.get(w.worker_id, 0), w.outstanding)
-                 for w in workers if w.outstanding <= floor}
-        least = min(costs.values())
-        tied = sorted(wid for wid, c in costs.items() if c == least)
-        self.turn += 1
-        return tied[self.turn % len(tied)]
+    @staticmethod
+    def cost(w, prompt_tokens: int, cached: int) -> int:
+        return -cached  # the most held: the fewest blocks to move
 
 
 class DecodeLoad(NamedTuple):
