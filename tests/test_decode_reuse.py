@@ -145,6 +145,7 @@ def test_multi_turn_chat_moves_only_the_new_blocks_and_matches_the_offline_engin
             after = sent_bytes(s)
             moved = (after - before) / per_block
             total = -(-n // 16)
+            print(f"turn {k + 1}: {n} prompt tokens in {total} blocks, {moved:g} moved")
             if k == 0:
                 assert moved == total  # the whole prompt
             else:  # only what follows the previous prompt's full blocks (held by decode)
@@ -153,3 +154,22 @@ def test_multi_turn_chat_moves_only_the_new_blocks_and_matches_the_offline_engin
             msgs.append({"role": "assistant", "content": answer})
     finally:
         s.close()
+
+
+def test_the_balance_guard_is_a_setting():
+    from splitserve.errors import InvalidRequestError
+    from splitserve.router.state import RouterState
+
+    chain = block_hashes(list(range(40)), 4, ROOT)
+    for imbalance, want in ((4, "c0"), (100, "c1")):
+        s = RouterState(routing="cache-aware", max_imbalance=imbalance)
+        s.block_size = 4
+        for w in ("c0", "c1"):
+            s.add_worker(w, "colocated", 1000, 0.0)
+        s.prefix_index.snapshot("c0", [])
+        s.prefix_index.snapshot("c1", chain)
+        for i in range(6):  # c1 busy decoding 6 more than c0 (nothing queued)
+            s.workers["c1"].requests.add(f"x{i}")
+        assert s.route("r", 40, 0.0, block_hashes=chain).worker == want, imbalance
+    with pytest.raises(InvalidRequestError, match="max_imbalance"):
+        RouterState(routing="cache-aware", max_imbalance=-1)

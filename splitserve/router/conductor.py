@@ -72,7 +72,8 @@ class _Stream:
 class Conductor:
     def __init__(self, model: str = "default", served_model_name: str = "default",
                  bind: str = "tcp://127.0.0.1:0", heartbeat_timeout_s: float = 10.0,
-                 tokenizer=None, local_prefill=True, admission=None, routing: str = "cache-aware"):
+                 tokenizer=None, local_prefill=True, admission=None, routing: str = "cache-aware",
+                 cache_imbalance: int = 4):
         self.model = model
         self.served_model_name = served_model_name
         self.bind = bind
@@ -83,7 +84,7 @@ class Conductor:
         # local_prefill: True (policies.LocalPrefill), False / None (off), or a policy object
         if local_prefill is True:
             local_prefill = LocalPrefill()
-        self.state = RouterState(local_prefill or None, admission, routing)
+        self.state = RouterState(local_prefill or None, admission, routing, cache_imbalance)
         self._hash_root: bytes | None = None  # the workers' (Register.hash_root)
         if decision_log.directory():
             self.state.routes = []

@@ -108,18 +108,22 @@ class AbortTo:
 
 class RouterState:
     def __init__(self, local_prefill: LocalPrefill | None = None, admission=None,
-                 routing: str = "least-loaded"):
+                 routing: str = "least-loaded", max_imbalance: int = 4):
         """`routing`: how the worker that computes a prompt is chosen — cache-aware (the
         prefix index's cached tokens weighed against the tokens queued there: policies.
         CacheAware; the index is fed by the workers' KV events), least-loaded (fewest
-        outstanding), round-robin. Decode workers are always least-loaded."""
+        outstanding), round-robin. A decode worker: the one holding most of the prompt when
+        cache-aware (policies.CachedDecode), else least-loaded. `max_imbalance`: the
+        cache-aware policies' balance guard."""
+        if max_imbalance < 0:
+            raise InvalidRequestError(f"max_imbalance must be >= 0, got {max_imbalance}")
         if routing not in ROUTINGS:
             raise InvalidRequestError(f"routing must be one of {', '.join(ROUTINGS)}, got "
                                       f"{routing!r}")
         self.routing = routing
         self.prefix_index = PrefixIndex() if routing == "cache-aware" else None
-        self._cache_policy = CacheAware()
-        self._decode_cache_policy = CachedDecode()
+        self._cache_policy = CacheAware(max_imbalance)
+        self._decode_cache_policy = CachedDecode(max_imbalance)
         self.workers: dict[str, WorkerView] = {}
         # admission.Admission: decides once the workers are chosen (None: accept every request)
         self.admission = admission

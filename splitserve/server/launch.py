@@ -247,7 +247,7 @@ async def run_deployment(a) -> int:
     local_prefill = local_prefill_policy(a)  # first: it may set the decode workers' chunks
     conductor = Conductor(a.model, served, a.router_bind, a.heartbeat_timeout,
                           local_prefill=local_prefill, admission=build_admission(a),
-                          routing=a.routing)
+                          routing=a.routing, cache_imbalance=a.cache_imbalance)
     await conductor.start()
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
@@ -308,6 +308,10 @@ def add_serve_args(p) -> None:
                         "or always on a prefill worker (off), or on a decode worker wherever the "
                         "cost model says its first token comes sooner, in chunks sized to keep "
                         "that worker's decodes within --tpot-slo (slo; needs --latency-model)")
+    p.add_argument("--cache-imbalance", type=int, default=4,
+                   help="cache-aware routing's balance guard: a worker with more than this many "
+                        "requests in flight beyond the least loaded one does not compete, however "
+                        "much of the prompt it caches")
     p.add_argument("--routing", default="cache-aware",
                    choices=["cache-aware", "least-loaded", "round-robin"],
                    help="the worker that computes a prompt (prefill or co-located): the one with "
@@ -412,6 +416,8 @@ def run_serve(a) -> int:
         raise SystemExit("--prefill and --decode count workers: >= 0 (0 and 0: the router alone, "
                          "workers join with `splitserve worker --router`)")
     check_tier_flags(a)
+    if a.cache_imbalance < 0:
+        raise SystemExit(f"--cache-imbalance must be >= 0, got {a.cache_imbalance}")
     if a.drain_timeout < 0:
         raise SystemExit(f"--drain-timeout must be >= 0 seconds, got {a.drain_timeout:g}")
     if a.max_queue < 0:
