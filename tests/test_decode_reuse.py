@@ -129,7 +129,8 @@ def test_multi_turn_chat_moves_only_the_new_blocks_and_matches_the_offline_engin
                    if line.startswith("splitserve_kv_transfer_bytes_total{")
                    and 'direction="sent"' in line)
 
-    s = Server("--prefill", "1", "--decode", "1", "--dtype", "float32")
+    # tcp: the decode worker checks each layer's blocks (none below those it reused)
+    s = Server("--prefill", "1", "--decode", "1", "--dtype", "float32", "--kv-transport", "tcp")
     try:
         msgs, last_len, before = [], 0, sent_bytes(s)
         for k, q in enumerate(questions):
@@ -150,6 +151,10 @@ def test_multi_turn_chat_moves_only_the_new_blocks_and_matches_the_offline_engin
                 assert moved == total  # the whole prompt
             else:  # only what follows the previous prompt's full blocks (held by decode)
                 assert 1 <= moved <= total - last_len // 16, (k, moved, total, last_len)
+                # usage counts the prefill worker's hit (the previous prompt it computed), not
+                # the decode worker's reuse (which also holds the previous answer)
+                cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                assert cached == min(last_len // 16, (n - 1) // 16) * 16, (k, cached)
             before, last_len = after, n
             msgs.append({"role": "assistant", "content": answer})
     finally:

@@ -97,6 +97,19 @@ def test_a_restarted_worker_finds_its_disk_blocks(tmp_path):
     assert torch.equal(again.kv.kv[:, :, 0], want)
 
 
+def test_a_copy_that_raises_is_a_miss_not_an_exception_and_cut_writes_are_swept(tmp_path):
+    kv = _filled()
+    t = KVTiers(kv, dram_blocks=2)
+    t.offload(_h(0), 0)
+    t.dram = torch.empty(1)  # every copy into or out of the tier now raises
+    t.offload(_h(1), 1)  # logged and dropped: the pool's allocation must go on
+    assert t.find(_h(1)) is None and t._dram_free == [1]  # its slot was given back
+    assert not t.load(_h(0), 2)  # logged: a miss, recomputed
+    (tmp_path / (_h(5).hex() + ".kv.tmp")).write_bytes(b"half a block")
+    KVTiers(_filled(), dram_blocks=1, disk_dir=str(tmp_path), disk_blocks=2)
+    assert os.listdir(tmp_path) == []
+
+
 def test_manager_hit_runs_from_the_pool_into_the_tiers_and_a_failed_load_changes_nothing():
     class FakeTiers:  # the three calls the manager makes, with a load that can fail
         def __init__(self):

@@ -129,6 +129,7 @@ class Reservation:
     deadline: float
     fenced_at: float | None = None
     started: bool = False  # a KVProgress arrived: the prefill worker is writing it
+    cached_blocks: int = 0  # leading blocks held here already: shared, never to be written
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ class DecodeSide:
                 break  # FIFO: later reservations wait behind this one
             self.pending.popleft()
             self.reservations[p.request_id] = Reservation(
-                p.request_id, p.prefill_worker_id, p.payload, now + self.kv_queue_timeout_s)
+                p.request_id, p.prefill_worker_id, p.payload, now + self.kv_queue_timeout_s,
+                cached_blocks=got[1])
             actions.append(Reserved(p.request_id, *got))
         for rid, r in list(self.reservations.items()):
             if r.fenced_at is None and now > r.deadline:
@@ -213,6 +215,11 @@ class DecodeSide:
         """The prefill worker allowed to write request_id's blocks now, or None."""
         r = self.reservations.get(request_id)
         return r.prefill_worker_id if r is not None and r.fenced_at is None else None
+
+    def cached_blocks(self, request_id: str) -> int:
+        """How many of request_id's leading blocks were held here already (not writable)."""
+        r = self.reservations.get(request_id)
+        return r.cached_blocks if r is not None else 0
 
     def on_progress(self, request_id: str, sender: str, now: float) -> None:
         r = self.reservations.get(request_id)

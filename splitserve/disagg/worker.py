@@ -211,7 +211,9 @@ class Worker:
         """Blocks a tcp layer of request_id from sender_id may be written into, or None."""
         if self.decode_side.writer_of(request_id) != sender_id:
             return None
-        return self.engine.kv_manager.block_ids(request_id)
+        # not the leading blocks it reused: other requests read them (a writer that ignored
+        # Prefill.skip_blocks, e.g. an older prefill worker, fails its request instead)
+        return self.engine.kv_manager.block_ids(request_id)[self.decode_side.cached_blocks(request_id):]
 
     def register(self, retry: bool = False) -> None:
         """Register and wait for the Welcome: for register_timeout_s (then raise), or with
@@ -701,6 +703,10 @@ class Worker:
                 t.error = "lost contact with the router (lease expired)"
                 continue
             b0, b1 = t.chunk_blocks(ch.start, ch.num_new_tokens, bs)
+            if b1 == b0:  # the chunk lies in blocks the decode worker holds already
+                if last:
+                    t.chunk_written(ch.start, ch.num_new_tokens, bs)
+                continue
             src = self.engine.kv_manager.block_ids(rid)[b0:b1]
             try:
                 sender = self.senders[t.peer_id]
@@ -797,6 +803,9 @@ class Worker:
                 if problem:
                     self._fail(rid, f"KV hand-over from {sender} failed: {problem}")
                 continue
+            # usage's cached tokens are the prefill worker's hit (the reuse here saved a copy,
+            # not compute): set before admit, so every delta says the same
+            self.engine.scheduler.requests[rid].num_cached_tokens = msg.cached_tokens
             o = self.engine.admit(rid, msg.first_token, msg.first_logprobs)
             if self.engine.core.trace is not None:
                 self.engine.core.trace.append(("at", rid, time.monotonic()))

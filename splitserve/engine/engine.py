@@ -111,7 +111,7 @@ class LLMEngine:
                                self.max_model_len, self.eos_token_ids, cc.enable_prefix_caching)
         self.kv_manager = self.core.kv
         self.kv_tiers = None
-        if cc.host_cache_gb > 0:
+        if cc.host_cache_gb > 0 and cc.enable_prefix_caching:  # (tiers serve prefix hits only)
             from splitserve.kv.tiers import KVTiers
 
             self.kv_tiers = KVTiers(self.kv_cache, max(1, int(cc.host_cache_gb * 2**30 // per_block)),

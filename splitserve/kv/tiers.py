@@ -92,7 +92,15 @@ class KVTiers:
 
     def load(self, block_hash: bytes, block_id: int) -> bool:
         """Copy the block into pool block `block_id`. False (nothing written that matters: the
-        caller recomputes) when no tier holds it any more or its disk file is bad."""
+        caller recomputes) when no tier holds it any more, its disk file is bad, or the copy
+        raised (the caller's bookkeeping must not be left half done)."""
+        try:
+            return self._load(block_hash, block_id)
+        except Exception:  # noqa: BLE001 - a miss, and the block is recomputed
+            log.exception("KV tier: loading a block failed; recomputing it")
+            return False
+
+    def _load(self, block_hash: bytes, block_id: int) -> bool:
         slot = self._dram.get(block_hash)
         if slot is not None:
             self.kv.kv[:, :, block_id].copy_(self.dram[:, :, slot])
@@ -109,14 +117,25 @@ class KVTiers:
         return True
 
     def offload(self, block_hash: bytes, block_id: int) -> None:
-        """The pool is about to reuse block `block_id`, which holds `block_hash`: keep a copy."""
+        """The pool is about to reuse block `block_id`, which holds `block_hash`: keep a copy
+        (best effort: a copy that raises is dropped, the pool's allocation goes on)."""
         if self.dram is None:
             return
+        try:
+            self._offload(block_hash, block_id)
+        except Exception:  # noqa: BLE001
+            log.exception("KV tier: keeping an evicted block failed; it is dropped")
+
+    def _offload(self, block_hash: bytes, block_id: int) -> None:
         if block_hash in self._dram:
             self._dram.move_to_end(block_hash)
             return
         slot = self._dram_slot()
-        self.dram[:, :, slot].copy_(self.kv.kv[:, :, block_id])
+        try:
+            self.dram[:, :, slot].copy_(self.kv.kv[:, :, block_id])
+        except Exception:
+            self._dram_free.append(slot)  # the slot is not lost with the copy
+            raise
         self._dram[block_hash] = slot
         self._count("device", "dram")
         self._event("dram", True, block_hash)
@@ -143,6 +162,12 @@ class KVTiers:
         """Files a previous run of this worker left (oldest first): indexed, checked on load."""
         found = []
         for name in os.listdir(self.disk_dir):
+            if name.endswith(".kv.tmp"):  # a write cut short (the process died)
+                try:
+                    os.unlink(os.path.join(self.disk_dir, name))
+                except OSError:
+                    pass
+                continue
             stem, ext = os.path.splitext(name)
             if ext != ".kv" or len(stem) != 32:
                 continue
@@ -172,6 +197,10 @@ class KVTiers:
             os.replace(tmp, self._path(block_hash))  # never a half-written block under its name
         except OSError as e:
             log.warning("KV disk tier: could not write a block (%s); it is dropped", e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             return
         self._disk[block_hash] = None
         self._count("dram", "disk")
