@@ -214,11 +214,16 @@ def test_a_shared_prefix_follows_its_cache_across_two_colocated_workers(real_mod
         for k in range(4):
             u = ask(base + f" Question {k}: who printed the first book?")
             assert u["prompt_tokens_details"]["cached_tokens"] >= full_blocks - 16, (k, u)
-        hits = {}
-        for line in httpx.get(s.url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith("splitserve_prefix_cache_hits_total{"):
-                hits[line.split('worker_id="')[1].split('"')[0]] = float(line.split()[-1])
-        assert sorted(v > 0 for v in hits.values()) == [False, True], hits  # one worker only
+        def hits() -> dict:
+            out = {}
+            for line in httpx.get(s.url + "/metrics", timeout=5).text.splitlines():
+                if line.startswith("splitserve_prefix_cache_hits_total{"):
+                    out[line.split('worker_id="')[1].split('"')[0]] = float(line.split()[-1])
+            return out
+
+        s.wait_idle()  # (the counters come with the workers' heartbeats: a fast machine
+        got = hits()   # answers before they do)
+        assert sorted(v > 0 for v in got.values()) == [False, True], got  # one worker only
     finally:
         s.close()
 
