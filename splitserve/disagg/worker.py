@@ -479,7 +479,8 @@ class Worker:
             t = eng.kv_tiers
             st.kv_tier_bytes = {f"{a}>{b}": n for (a, b), n in t.moved.items()}
             st.kv_tier_corrupt = t.corrupt + t.lost
-            st.kv_tier_blocks = {"dram": t.usage()["dram_blocks"], "disk": t.usage()["disk_blocks"]}
+            u = t.usage()
+            st.kv_tier_blocks = {"dram": u["dram_blocks"], "disk": u["disk_blocks"]}
         st.running = len(eng.scheduler.running)
         st.waiting = len(eng.scheduler.waiting) + len(self.decode_side.pending)
         st.kv_blocks_used = eng.kv_manager.pool.usage()["in_use"]
@@ -749,12 +750,8 @@ class Worker:
         self.decode_side.queue(msg.request_id, msg.prefill_worker_id, msg)
 
     def _reserve(self, msg: M.Reserve) -> tuple[list[int], int] | None:
-        ids = self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
-                                  msg.request_id)
-        if ids is None:
-            return None
-        cached = self.engine.scheduler.requests[msg.request_id].num_cached_tokens
-        return ids, cached // self.spec.block_size
+        return self.engine.reserve(msg.prompt_token_ids, msg.params.to_sampling_params(),
+                                   msg.request_id)
 
     def _decode_housekeeping(self, now: float) -> None:
         for a in self.decode_side.tick(now, self._reserve):

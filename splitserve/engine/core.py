@@ -67,12 +67,15 @@ class EngineCore:
         self.scheduler.add_request(req)
         self._log(("add", req.request_id))
 
-    def reserve(self, req: Request) -> list[int] | None:
-        """Decode role: the reserved block ids, or None when they are not free now."""
+    def reserve(self, req: Request) -> tuple[list[int], int] | None:
+        """Decode role: the reserved block ids and how many leading ones hold the prompt's KV
+        already (reused from this worker's cache: Scheduler.reserve), or None when they are
+        not free now."""
         blocks = self.scheduler.reserve(req)
-        if blocks is not None:
-            self._log(("reserve", req.request_id, len(blocks)))
-        return blocks
+        if blocks is None:
+            return None
+        self._log(("reserve", req.request_id, len(blocks)))
+        return blocks, req.num_cached_tokens // self.kv.block_size
 
     def admit(self, request_id: str, first_token: int) -> Request:
         req = self.scheduler.admit(request_id, first_token)

@@ -179,12 +179,13 @@ class LLMEngine:
 
     # decode role
     def reserve(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                arrival_time: float = 0.0) -> list[int] | None:
+                arrival_time: float = 0.0) -> tuple[list[int], int] | None:
+        """(block ids, leading blocks held already) or None: EngineCore.reserve."""
         req = self._new_request(prompt_token_ids, params, request_id, arrival_time)
-        block_ids = self.core.reserve(req)
-        if block_ids is not None:
+        got = self.core.reserve(req)
+        if got is not None:
             self._track(req)
-        return block_ids
+        return got
 
     def admit(self, request_id: str, first_token: int, first_logprobs=None) -> RequestOutput:
         """The prompt's KV is in the reserved blocks; `first_token` (with its logprobs, when the

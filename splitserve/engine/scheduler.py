@@ -127,9 +127,7 @@ class Scheduler:
         busy = sum(1 for r in self.requests.values() if not r.is_finished)
         if busy >= self.config.max_num_seqs:
             return None
-        computed, num_hit = self.kv.get_computed_blocks(req, whole=True)
-        loads = self.kv.tier_hits(req, len(computed), whole=True)
-        num_hit += len(loads) * self.kv.block_size
+        computed, loads, num_hit = self.kv.prefix_hit(req, whole=True)
         if not self.kv.allocate_slots(req, req.num_prompt_tokens - num_hit, computed, loads):
             return None
         req.num_cached_tokens = num_hit
@@ -243,9 +241,7 @@ class Scheduler:
             req = self.waiting[0]
             if self._outgrows_pool(req, req.num_tokens, out):
                 continue
-            computed, num_hit = self.kv.get_computed_blocks(req)
-            loads = self.kv.tier_hits(req, len(computed))  # (the hit runs on into the tiers)
-            num_hit += len(loads) * self.kv.block_size
+            computed, loads, num_hit = self.kv.prefix_hit(req)  # (the pool, then the tiers)
             num_new = req.num_tokens - num_hit
             if chunked:
                 num_new = min(num_new, budget)

@@ -70,14 +70,26 @@ class KVCacheManager:
         if not self.enable_caching:
             return [], 0
         hashes = self.update_hashes(req)
-        max_blocks = (req.num_tokens if whole else req.num_tokens - 1) // self.block_size
         hit: list[KVBlock] = []
-        for h in hashes[:max_blocks]:
+        for h in hashes[:self._hit_limit(req, whole)]:
             b = self.pool.lookup(h)
             if b is None:
                 break
             hit.append(b)
         return hit, len(hit) * self.block_size
+
+    def prefix_hit(self, req: Request, whole: bool = False
+                   ) -> tuple[list[KVBlock], list[tuple[bytes, str]], int]:
+        """The prompt's whole prefix hit: (pool blocks, tier loads, tokens they cover), as
+        allocate_slots and count_lookup take them."""
+        computed, num_hit = self.get_computed_blocks(req, whole)
+        loads = self.tier_hits(req, len(computed), whole)
+        return computed, loads, num_hit + len(loads) * self.block_size
+
+    def _hit_limit(self, req: Request, whole: bool) -> int:
+        """How many leading blocks may hit: every full one (`whole`), or those before the
+        last token."""
+        return (req.num_tokens if whole else req.num_tokens - 1) // self.block_size
 
     def tier_hits(self, req: Request, start: int, whole: bool = False) -> list[tuple[bytes, str]]:
         """(hash, tier) of the prompt's blocks from block `start` on (the pool's hit ends
@@ -87,9 +99,8 @@ class KVCacheManager:
         if self.tiers is None or not self.enable_caching:
             return []
         hashes = self.update_hashes(req)
-        max_blocks = (req.num_tokens if whole else req.num_tokens - 1) // self.block_size
         out = []
-        for h in hashes[start:max_blocks]:
+        for h in hashes[start:self._hit_limit(req, whole)]:
             tier = self.pool.lookup(h) is None and self.tiers.find(h)
             if not tier:
                 break

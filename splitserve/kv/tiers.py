@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SSKVBLK1"
 HEADER = len(MAGIC) + 16 + 16
-TIERS = ("dram", "disk")
 
 
 class KVTiers:
@@ -74,10 +73,6 @@ class KVTiers:
         self.moved: dict[tuple[str, str], int] = {}
         self.corrupt = 0  # disk blocks refused (checksum, size or name wrong; unreadable)
         self.lost = 0  # disk blocks the index named whose file was gone
-
-    @property
-    def enabled(self) -> bool:
-        return self.dram_blocks > 0
 
     # -- what the manager calls ------------------------------------------------------------
     def find(self, block_hash: bytes) -> str | None:

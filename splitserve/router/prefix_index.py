@@ -20,6 +20,8 @@ independent of how many blocks the cluster caches.
 
 from __future__ import annotations
 
+from itertools import chain
+
 # a worker's pool, and the tiers below it (kv/tiers.py)
 TIER_BITS = {"device": 1, "dram": 2, "disk": 4}
 
@@ -58,7 +60,7 @@ class PrefixIndex:
         # each tier's events apply in order; tiers are independent bits, so the pool's list
         # and the tiers' may be applied one after the other
         held = self._held[worker_id]
-        for tier, stored, h in [("device", s, h) for s, h in events] + list(tier_events):
+        for tier, stored, h in chain((("device", s, h) for s, h in events), tier_events):
             bit = TIER_BITS[tier]
             was = held.get(h, 0)
             now = was | bit if stored else was & ~bit

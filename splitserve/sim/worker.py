@@ -210,13 +210,9 @@ class SimWorker:
                 self.core.trace.append(("at", req.request_id, self.sim.loop.now))
             out.append(_Output(req.request_id, 1, req.is_finished, handover=True))
 
-    def _reserve(self, req: Request) -> tuple[list[int], int] | None:
-        ids = self.core.reserve(req)
-        return None if ids is None else (ids, req.num_cached_tokens // self.core.kv.block_size)
-
     def _housekeeping(self, out: list[_Output]) -> None:
         now = self.sim.loop.now
-        for a in self.decode_side.tick(now, self._reserve):
+        for a in self.decode_side.tick(now, self.core.reserve):
             match a:
                 case Reserved(request_id=rid, block_ids=blocks, cached_blocks=cached):
                     self.sim.router_receive(self, "reserved", rid, blocks, cached)
