@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     from splitserve.bench import phases as bench_phases
     from splitserve.bench import routing as bench_routing
     from splitserve.bench import soak as bench_soak
+    from splitserve.kv import store as kv_store
     from splitserve.plan import pareto as plan_pareto
     from splitserve.plan import search as plan_search
     from splitserve.sim import profile as sim_profile
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
             (sub, "plan", plan_search, "choose a deployment by simulated goodput per device: "
              "co-located or P/D splits, parallel layouts, rate matching; prints the serve "
              "command"),
+            (sub, "kv-store", kv_store, "the shared KV tier's store process (serve "
+             "--kv-shared-gb starts one itself; workers on other hosts: --kv-shared HOST:PORT)"),
             (sub, "pareto", plan_pareto, "throughput per device vs tokens/s/user across "
              "co-located and disaggregated deployments of a budget, by simulation (table, PNG)")):
         sp = subs.add_parser(name, help=text)  # each module brings its flags and its main

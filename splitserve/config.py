@@ -176,8 +176,18 @@ class CacheConfig:
     host_cache_gb: float = 0.0
     disk_cache_dir: str | None = None
     disk_cache_gb: float = 0.0
+    # The shared tier (kv/store.py): "host:port" of a KV store every worker puts the blocks
+    # it computes into and loads blocks from (None: no shared tier).
+    shared_cache: str | None = None
 
     def __post_init__(self):
+        if self.shared_cache is not None:
+            from splitserve.kv.store_client import parse_addr
+
+            try:
+                parse_addr(self.shared_cache)
+            except ValueError as e:
+                raise InvalidRequestError(f"shared_cache: {e}") from None
         if self.host_cache_gb < 0 or self.disk_cache_gb < 0:
             raise InvalidRequestError("host_cache_gb and disk_cache_gb must be >= 0")
         if self.disk_cache_gb > 0 and (not self.disk_cache_dir or self.host_cache_gb <= 0):

@@ -33,7 +33,8 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
                  chunked_prefill: bool = True, host_cache_gb: float = 0.0,
-                 disk_cache_dir: str | None = None, disk_cache_gb: float = 0.0, checkpoint=None,
+                 disk_cache_dir: str | None = None, disk_cache_gb: float = 0.0,
+                 shared_cache: str | None = None, checkpoint=None,
                  **engine_kwargs):
         cfg = EngineConfig(
             model=model,
@@ -41,7 +42,7 @@ class LLM:
                               kv_cache_memory_gb=kv_cache_memory_gb,
                               enable_prefix_caching=enable_prefix_caching,
                               host_cache_gb=host_cache_gb, disk_cache_dir=disk_cache_dir,
-                              disk_cache_gb=disk_cache_gb),
+                              disk_cache_gb=disk_cache_gb, shared_cache=shared_cache),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                       max_num_seqs=max_num_seqs, chunked_prefill=chunked_prefill),
             **engine_kwargs,

@@ -111,12 +111,23 @@ def test_a_copy_that_raises_is_a_miss_not_an_exception_and_cut_writes_are_swept(
 
 
 def test_manager_hit_runs_from_the_pool_into_the_tiers_and_a_failed_load_changes_nothing():
-    class FakeTiers:  # the three calls the manager makes, with a load that can fail
+    class FakeTiers:  # the calls the manager makes, with a load that can fail
         def __init__(self):
-            self.held, self.loaded, self.fail = {}, [], set()
+            self.held, self.loaded, self.fail, self.computed_ = {}, [], set(), []
 
-        def find(self, h):
-            return self.held.get(h)
+        def find_run(self, hashes):
+            run = []
+            for h in hashes:
+                if h not in self.held:
+                    break
+                run.append(self.held[h])
+            return run
+
+        def costs(self):
+            return {}, None
+
+        def computed(self, h, block_id):
+            self.computed_.append(h)
 
         def load(self, h, block_id):
             if h in self.fail:
@@ -154,7 +165,7 @@ def test_manager_hit_runs_from_the_pool_into_the_tiers_and_a_failed_load_changes
     assert [bid for _, bid in tiers.loaded][-2:] == [b.block_id for b in held[1:3]]
     assert [m.pool.lookup(h) for h in a2.block_hashes[:3]] == held[:3]  # findable again
     m.count_lookup(13, 12, loads)
-    assert m.hit_tokens_by_tier == {"device": 4, "dram": 8, "disk": 0}
+    assert m.hit_tokens_by_tier == {"device": 4, "dram": 8, "disk": 0, "shared": 0}
     m.check_integrity()
 
 

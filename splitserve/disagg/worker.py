@@ -477,8 +477,8 @@ class Worker:
         st.prefix_cache_hits_by_tier = dict(eng.kv_manager.hit_tokens_by_tier)
         if eng.kv_tiers is not None:
             t = eng.kv_tiers
-            st.kv_tier_bytes = {f"{a}>{b}": n for (a, b), n in t.moved.items()}
-            st.kv_tier_corrupt = t.corrupt + t.lost
+            st.kv_tier_bytes = {f"{a}>{b}": n for (a, b), n in t.moved_bytes().items()}
+            st.kv_tier_corrupt = t.corrupt + t.lost + (t.shared.corrupt if t.shared else 0)
             u = t.usage()
             st.kv_tier_blocks = {"dram": u["dram_blocks"], "disk": u["disk_blocks"]}
         st.running = len(eng.scheduler.running)

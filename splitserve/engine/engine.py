@@ -29,6 +29,10 @@ from splitserve.model.loader import LoadedCheckpoint, build_model, load_checkpoi
 from splitserve.request import Request, RequestStatus, SamplingParams
 from splitserve.tokenization import PromptEncoder
 
+# a forward of at least this many prompt tokens times what recomputing a block costs (smaller
+# ones are mostly the fixed cost of a step)
+PROMPT_TIMING_TOKENS = 64
+
 
 @dataclass
 class RequestOutput:
@@ -111,11 +115,15 @@ class LLMEngine:
                                self.max_model_len, self.eos_token_ids, cc.enable_prefix_caching)
         self.kv_manager = self.core.kv
         self.kv_tiers = None
-        if cc.host_cache_gb > 0 and cc.enable_prefix_caching:  # (tiers serve prefix hits only)
+        # (tiers serve prefix hits only)
+        if (cc.host_cache_gb > 0 or cc.shared_cache) and cc.enable_prefix_caching:
+            from splitserve.kv.store_client import KVStoreClient
             from splitserve.kv.tiers import KVTiers
 
-            self.kv_tiers = KVTiers(self.kv_cache, max(1, int(cc.host_cache_gb * 2**30 // per_block)),
-                                    cc.disk_cache_dir, int(cc.disk_cache_gb * 2**30 // per_block))
+            dram = max(1, int(cc.host_cache_gb * 2**30 // per_block)) if cc.host_cache_gb > 0 else 0
+            self.kv_tiers = KVTiers(self.kv_cache, dram, cc.disk_cache_dir,
+                                    int(cc.disk_cache_gb * 2**30 // per_block),
+                                    KVStoreClient(cc.shared_cache) if cc.shared_cache else None)
             self.kv_manager.attach_tiers(self.kv_tiers)
         self.scheduler = self.core.scheduler
         self.sampler = Sampler(self.device, config.seed)
@@ -208,7 +216,13 @@ class LLMEngine:
             if self.before_forward is not None:
                 self.before_forward(out)
             hook = self.kv_layer_hook
+            t0 = time.perf_counter()
             res = self.runner.execute(out, None if hook is None else (lambda i: hook(i, out.chunks)))
+            if self.kv_tiers is not None:  # (what recomputing a block costs, against loading it)
+                prompt = sum(c.num_new_tokens for c in out.chunks
+                             if c.start < c.request.num_prompt_tokens)
+                if prompt >= PROMPT_TIMING_TOKENS:
+                    self.kv_tiers.note_compute(prompt, time.perf_counter() - t0)
             logprobs.update(res.logprobs)
             return res.sampled
 

@@ -128,17 +128,19 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self._free[b.block_id] = None
 
-    def cache(self, block: KVBlock, block_hash: bytes) -> None:
-        """Register a full block under its hash. A block already cached under another id keeps
-        the map entry (the duplicate stays private to its request and is freed uncached)."""
+    def cache(self, block: KVBlock, block_hash: bytes) -> bool:
+        """Register a full block under its hash; True when it is new to the cache. A block
+        already cached under another id keeps the map entry (the duplicate stays private to
+        its request and is freed uncached)."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         if block_hash in self._cached:
-            return
+            return False
         block.block_hash = block_hash
         self._cached[block_hash] = block
         if self.events is not None:
             self.events.append((True, block_hash))
+        return True
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash of an unreferenced block."""

@@ -13,8 +13,14 @@ runs on past the pool into them:
     blocks [d, d + t)   in DRAM or on disk    (new blocks, loaded in allocate_slots)
     blocks [d + t, ..)  computed
 
-The tiers object answers three calls — find(hash) -> tier name | None, load(hash, block_id)
--> bool, offload(hash, block_id) — so this code stays plain (no torch, no files).
+The tiers object answers five calls — find_run(hashes) -> the tiers of their leading run,
+costs() -> (load seconds per block by tier, recompute seconds per block | None),
+load(hash, block_id) -> bool, offload(hash, block_id), computed(hash, block_id) — so this
+code stays plain (no torch, no files, no sockets, no clock).
+
+A run of loads is cut where loading stops paying (`worth_loading`: Mooncake's rule, move a
+prefix only when that is cheaper than recomputing it): a block costs its tier's load time
+against the compute time it saves.
 """
 
 from __future__ import annotations
@@ -26,6 +32,22 @@ from splitserve.request import Request
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def worth_loading(run: list[str], load_s: dict[str, float], recompute_s: float | None) -> int:
+    """How many leading blocks of `run` (the tier of each) to load rather than recompute:
+    the count that saves the most time, each block saving `recompute_s` less its tier's
+    load time (blocks are chained: a block is only usable after every block before it).
+    Unmeasured costs (a tier never loaded from, no forward timed yet): load."""
+    if recompute_s is None:
+        return len(run)
+    best = saved = 0.0
+    k = 0
+    for i, tier in enumerate(run):
+        saved += recompute_s - load_s.get(tier, 0.0)
+        if saved > best:
+            best, k = saved, i + 1
+    return k
 
 
 class KVCacheManager:
@@ -45,7 +67,7 @@ class KVCacheManager:
         """Keep evicted blocks in `tiers` and look prompts up there after the pool."""
         self.tiers = tiers
         self.pool.on_evict = tiers.offload
-        for name in ("dram", "disk"):
+        for name in ("dram", "disk", "shared"):
             self.hit_tokens_by_tier.setdefault(name, 0)
 
     def set_caching(self, enabled: bool) -> None:
@@ -99,13 +121,16 @@ class KVCacheManager:
         if self.tiers is None or not self.enable_caching:
             return []
         hashes = self.update_hashes(req)
-        out = []
+        want = []
         for h in hashes[start:self._hit_limit(req, whole)]:
-            tier = self.pool.lookup(h) is None and self.tiers.find(h)
-            if not tier:
+            if self.pool.lookup(h) is not None:
                 break
-            out.append((h, tier))
-        return out
+            want.append(h)
+        if not want:
+            return []
+        run = self.tiers.find_run(want)
+        run = run[:worth_loading(run, *self.tiers.costs())]
+        return list(zip(want, run))
 
     def count_lookup(self, num_tokens: int, num_hit: int, loads=()) -> None:
         """A request first admitted with `num_hit` of its `num_tokens` prompt tokens from the
@@ -175,8 +200,10 @@ class KVCacheManager:
         if n_full == 0:
             return
         hashes = self.update_hashes(req)
+        computed = self.tiers.computed if self.tiers is not None else None
         for j in range(n_full):
-            self.pool.cache(blocks[j], hashes[j])
+            if self.pool.cache(blocks[j], hashes[j]) and computed is not None:
+                computed(hashes[j], blocks[j].block_id)
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, None)

@@ -9,13 +9,24 @@ disk, and come back by copy instead of recompute.
     load: DRAM ─► pool block   or   disk ─► pool block (checksum checked; a bad file is deleted
           and the block recomputed, never served)
 
+    shared (kv/store.py, one store process for every worker): each block the worker computes
+          is put there as soon as its KV is written (in the background), so another worker
+          loads it instead of computing it; looked up after the worker's own tiers
+
 The tiers are inclusive: a block loaded back stays in the tier it came from (an entry is
 dropped only by its tier's LRU), so a block evicted from the pool again costs no copy.
 
-Only the KV manager calls in (kv/manager.py: `find` while it looks up a prompt, `load` for each
-block it allocates for a hit, `offload` for each cached block the pool evicts; all inside
-scheduling, before the step's forward overwrites any block). That code stays plain: this
-class is handed to it, and the simulator can hand it a plain model of the same three calls.
+Only the KV manager calls in (kv/manager.py: `find_run` while it looks up a prompt, `costs`
+to weigh loading against recomputing, `load` for each block it allocates for a hit,
+`offload` for each cached block the pool evicts, `computed` for each block the worker
+computed; all inside scheduling or right after the forward, before the next step can
+overwrite a block). That code stays plain: this class is handed to it, and the simulator can
+hand it a plain model of the same calls.
+
+Costs: each tier's load time per block and the engine's compute time per block are measured
+here (moving averages; the engine reports its forwards: `note_compute`), so the manager can
+apply Mooncake's rule: load a prefix held elsewhere only when moving it is cheaper than
+recomputing it.
 
 A disk file:  magic (8 B) | block hash (16 B) | blake2b-128 of the payload (16 B) | payload
 (the block's K and V of every layer, the pool's dtype, [layers, 2, block_size, kv heads, dim]).
@@ -31,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -46,7 +58,7 @@ HEADER = len(MAGIC) + 16 + 16
 
 class KVTiers:
     def __init__(self, kv: KVCache, dram_blocks: int = 0, disk_dir: str | None = None,
-                 disk_blocks: int = 0):
+                 disk_blocks: int = 0, shared=None):
         if dram_blocks < 0 or disk_blocks < 0:
             raise SplitServeError("tier sizes must be >= 0 blocks")
         if disk_dir is not None and disk_blocks > 0 and dram_blocks == 0:
@@ -73,6 +85,11 @@ class KVTiers:
         self.moved: dict[tuple[str, str], int] = {}
         self.corrupt = 0  # disk blocks refused (checksum, size or name wrong; unreadable)
         self.lost = 0  # disk blocks the index named whose file was gone
+        # the shared tier: a store_client.KVStoreClient (or anything with put/get/match)
+        self.shared = shared
+        # measured seconds per block: a load from each tier, and a recompute (None: not yet)
+        self.load_s: dict[str, float] = {}
+        self.recompute_s: float | None = None
 
     # -- what the manager calls ------------------------------------------------------------
     def find(self, block_hash: bytes) -> str | None:
@@ -85,6 +102,44 @@ class KVTiers:
             return "disk"
         return None
 
+    def find_run(self, hashes) -> list[str]:
+        """The tiers holding the leading run of `hashes` ("dram", "disk", "shared"), up to
+        the first none holds. The worker's own tiers first; the store is asked once per run
+        of blocks they miss."""
+        out: list[str] = []
+        i, n = 0, len(hashes)
+        while i < n:
+            tier = self.find(hashes[i])
+            if tier is not None:
+                out.append(tier)
+                i += 1
+                continue
+            m = self.shared.match(list(hashes[i:])) if self.shared is not None else 0
+            if m == 0:
+                break
+            out.append("shared")
+            out.extend(self.find(h) or "shared" for h in hashes[i + 1:i + m])
+            i += m
+        return out
+
+    def costs(self) -> tuple[dict[str, float], float | None]:
+        """(seconds per block loaded, by tier; seconds per block recomputed, or None)."""
+        return self.load_s, self.recompute_s
+
+    def note_compute(self, tokens: int, seconds: float) -> None:
+        """The engine ran a forward of `tokens` prompt tokens in `seconds`."""
+        if tokens > 0 and seconds > 0:
+            self.recompute_s = _ewma(self.recompute_s, seconds / tokens * self.kv.block_size)
+
+    def computed(self, block_hash: bytes, block_id: int) -> None:
+        """The worker computed block `block_id` (its KV is written): share it."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.put(block_hash, self._payload(self.kv.kv[:, :, block_id]))
+        except Exception:  # noqa: BLE001
+            log.exception("KV tier: sharing a block failed; it is not shared")
+
     def load(self, block_hash: bytes, block_id: int) -> bool:
         """Copy the block into pool block `block_id`. False (nothing written that matters: the
         caller recomputes) when no tier holds it any more, its disk file is bad, or the copy
@@ -96,19 +151,30 @@ class KVTiers:
             return False
 
     def _load(self, block_hash: bytes, block_id: int) -> bool:
+        t0 = time.perf_counter()
         slot = self._dram.get(block_hash)
         if slot is not None:
             self.kv.kv[:, :, block_id].copy_(self.dram[:, :, slot])
-            self._count("dram", "device")
-            return True
-        if block_hash not in self._disk:
+            return self._loaded("dram", t0)
+        if block_hash in self._disk:
+            payload, tier = self._read(block_hash), "disk"
+        elif self.shared is not None:
+            payload, tier = self.shared.get(block_hash), "shared"
+            if payload is not None and len(payload) != self.block_nbytes:
+                self.shared.refuse(block_hash, f"has {len(payload)} bytes, not "
+                                   f"{self.block_nbytes}")
+                payload = None
+        else:
             return False
-        payload = self._read(block_hash)
         if payload is None:
             return False
         block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         self.kv.kv[:, :, block_id].copy_(block.view(self.kv.kv.dtype).view(self.block_shape))
-        self._count("disk", "device")
+        return self._loaded(tier, t0)
+
+    def _loaded(self, tier: str, t0: float) -> bool:
+        self.load_s[tier] = _ewma(self.load_s.get(tier), time.perf_counter() - t0)
+        self._count(tier, "device")
         return True
 
     def offload(self, block_hash: bytes, block_id: int) -> None:
@@ -182,7 +248,7 @@ class KVTiers:
             return
         while len(self._disk) >= self.disk_blocks:
             self._disk_drop(next(iter(self._disk)))
-        payload = block.contiguous().view(torch.uint8).numpy().tobytes()
+        payload = self._payload(block)
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         tmp = self._path(block_hash) + ".tmp"
         try:
@@ -234,6 +300,10 @@ class KVTiers:
             self._event("disk", False, block_hash)
 
     # -- bookkeeping -----------------------------------------------------------------------
+    @staticmethod
+    def _payload(block: torch.Tensor) -> bytes:
+        return block.contiguous().view(torch.uint8).numpy().tobytes()
+
     def _count(self, src: str, dst: str) -> None:
         self.moved[(src, dst)] = self.moved.get((src, dst), 0) + self.block_nbytes
 
@@ -241,6 +311,17 @@ class KVTiers:
         if self.events is not None:
             self.events.append((tier, stored, block_hash))
 
+    def moved_bytes(self) -> dict[tuple[str, str], int]:
+        """Bytes copied between tiers, (from, to) -> bytes (what the store took included)."""
+        out = dict(self.moved)
+        if self.shared is not None and self.shared.put_bytes:
+            out[("device", "shared")] = self.shared.put_bytes
+        return out
+
     def usage(self) -> dict[str, int]:
         return {"dram_blocks": len(self._dram), "dram_capacity": self.dram_blocks,
                 "disk_blocks": len(self._disk), "disk_capacity": self.disk_blocks}
+
+
+def _ewma(old: float | None, new: float, w: float = 0.2) -> float:
+    return new if old is None else (1 - w) * old + w * new

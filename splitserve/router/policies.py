@@ -64,11 +64,16 @@ class CacheAware:
         self.turn = 0
 
     def pick(self, workers: Sequence, prompt_tokens: int,
-             cached_tokens: dict[str, int]) -> str | None:
+             cached_tokens: dict[str, int], everyone: int = 0) -> str | None:
+        """`cached_tokens`: worker id -> prompt tokens it holds; `everyone`: what a worker
+        left out of it holds (every worker loads that much from a shared tier: loading is
+        priced as free, the worker's rule (kv/manager.worth_loading) loads only what is
+        cheaper than recomputing)."""
         if not workers:
             return None
         floor = min(w.outstanding for w in workers) + self.max_imbalance
-        costs = {w.worker_id: (self.cost(w, prompt_tokens, cached_tokens.get(w.worker_id, 0)),
+        costs = {w.worker_id: (self.cost(w, prompt_tokens,
+                                         cached_tokens.get(w.worker_id, everyone)),
                                w.outstanding)
                  for w in workers if w.outstanding <= floor}
         least = min(costs.values())

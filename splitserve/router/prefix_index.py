@@ -16,6 +16,10 @@ worker: its entries are dropped and `apply` says so (the caller asks for a snaps
 Cost: one dict lookup per prompt block while some worker still matches, plus one set
 intersection per block over the workers still matching: linear in the prompt's blocks, and
 independent of how many blocks the cluster caches.
+
+A shared tier (kv/store.py) is a holder of its own (`add_shared`: its events come from the
+store, not from a worker) whose blocks every worker can load: `longest_shared` answers, beside
+each worker's run, the run every worker has through it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from itertools import chain
 
 # a worker's pool, and the tiers below it (kv/tiers.py)
-TIER_BITS = {"device": 1, "dram": 2, "disk": 4}
+TIER_BITS = {"device": 1, "dram": 2, "disk": 4, "shared": 8}
 
 
 class PrefixIndex:
@@ -33,6 +37,7 @@ class PrefixIndex:
         self._held: dict[str, dict[bytes, int]] = {}
         self._seq: dict[str, int] = {}  # worker -> the next event batch's number
         self.resyncs = 0  # event batches that came out of sequence
+        self._shared: set[str] = set()  # holders every worker can load from
 
     # -- what the workers say --------------------------------------------------------------
     def snapshot(self, worker_id: str, hashes, tier_events=()) -> None:
@@ -87,17 +92,36 @@ class PrefixIndex:
                 if not ws:
                     del self._holders[h]
 
+    def add_shared(self, holder_id: str) -> None:
+        """`holder_id` (fed like a worker: snapshot, apply) is a tier every worker loads from."""
+        self._shared.add(holder_id)
+
+    def remove_shared(self, holder_id: str) -> None:
+        self.drop(holder_id)
+        self._shared.discard(holder_id)
+
     # -- what the router asks --------------------------------------------------------------
     def longest(self, hashes) -> dict[str, int]:
         """worker id -> how many of the prompt's leading blocks it caches (workers holding
         none are left out)."""
+        return self.longest_shared(hashes)[0]
+
+    def longest_shared(self, hashes) -> tuple[dict[str, int], int]:
+        """(worker id -> how many of the prompt's leading blocks it can hit, the run every
+        worker can hit through a shared tier). A worker left out of the map has the second;
+        one in it has at least that. Shared holders are not in the map."""
         out: dict[str, int] = {}
-        alive: set[str] | None = None
-        k = 0
+        alive: set[str] | None = None  # None: every worker (only shared blocks so far)
+        shared = self._shared
+        common = k = 0
         for k, h in enumerate(hashes):
             holders = self._holders.get(h)
             if not holders:
                 break
+            if shared and not shared.isdisjoint(holders):
+                if alive is None:
+                    common = k + 1
+                continue  # every worker still in the run can load it
             if alive is None:
                 alive = set(holders)
             elif not holders >= alive:
@@ -110,7 +134,7 @@ class PrefixIndex:
             k = len(hashes)
         for w in alive or ():
             out[w] = k
-        return out
+        return out, common
 
     def holds(self, worker_id: str, tier: str | None = None) -> set[bytes]:
         """The hashes the worker holds (in `tier` only, when given)."""

@@ -278,12 +278,12 @@ class RouterState:
             or len(self.routable("decode")) > 1)
 
     def _pick(self, role: str, need: int = 0, prompt: tuple[int, dict] | None = None) -> str | None:
-        """`prompt`: (its tokens, worker -> tokens cached), when routing is cache-aware: for a
-        worker that computes it (CacheAware), or a decode worker it is handed to
-        (CachedDecode)."""
+        """`prompt`: (its tokens, worker -> tokens cached, tokens every worker has cached
+        through the shared tier), when routing is cache-aware: for a worker that computes it
+        (CacheAware), or a decode worker it is handed to (CachedDecode)."""
         # the views themselves: a WorkerLoad per worker per route costs O(workers) objects
         fitting = self._fitting(role, need)
-        if prompt is not None and any(w.worker_id in prompt[1] for w in fitting):
+        if prompt is not None and (prompt[2] or any(w.worker_id in prompt[1] for w in fitting)):
             policy = self._decode_cache_policy if role == "decode" else self._cache_policy
             return policy.pick(fitting, *prompt)
         return self.policies[role].pick(fitting)  # (no candidate caches any: the load decides)
@@ -339,9 +339,12 @@ class RouterState:
             # computed; a decode worker reuses every whole block it holds
             bs = self.block_size or 1
             most = (prompt_len - 1) // bs
-            hits = self.prefix_index.longest(block_hashes)
-            prompt = (prompt_len, {w: min(k, most) * bs for w, k in hits.items()})
-            held = (prompt_len, {w: min(k, prompt_len // bs) * bs for w, k in hits.items()})
+            hits, common = self.prefix_index.longest_shared(block_hashes)
+            whole_blocks = prompt_len // bs
+            prompt = (prompt_len, {w: min(k, most) * bs for w, k in hits.items()},
+                      min(common, most) * bs)
+            held = (prompt_len, {w: min(k, whole_blocks) * bs for w, k in hits.items()},
+                    min(common, whole_blocks) * bs)
         whole = self._pick("colocated", need, prompt)
         prefill = self._pick("prefill", need, prompt) if whole is None else None
         if whole is None and prefill is None and self._decode_serves_whole():
@@ -372,7 +375,7 @@ class RouterState:
         else:
             t.views[t.prefill].queued_prompt_tokens += prompt_len
         if prompt is not None:
-            t.cached_tokens = prompt[1].get(t.worker or t.prefill, 0)
+            t.cached_tokens = prompt[1].get(t.worker or t.prefill, prompt[2])
         self.tracks[request_id] = t
         if self.routes is not None:
             kind = "pd" if t.worker is None else (

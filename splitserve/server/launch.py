@@ -96,6 +96,8 @@ def worker_command(role: str, router_addr: str, worker_id: str, cores: list[int]
     if a.kv_disk_dir and a.kv_disk_gb:
         cmd += ["--kv-disk-dir", os.path.join(a.kv_disk_dir, worker_id),
                 "--kv-disk-gb", str(a.kv_disk_gb)]
+    if a.kv_shared:
+        cmd += ["--kv-shared", a.kv_shared]
     reroleable = getattr(a, "reroleable", False) or getattr(a, "planner", "off") != "off"
     if reroleable:
         cmd.append("--reroleable")
@@ -249,6 +251,13 @@ async def run_deployment(a) -> int:
                           local_prefill=local_prefill, admission=build_admission(a),
                           routing=a.routing, cache_imbalance=a.cache_imbalance)
     await conductor.start()
+    store = None
+    if a.kv_shared_gb:
+        from splitserve.server.shared_kv import StoreProcess
+
+        store = StoreProcess(a.kv_shared_gb)
+        store.start()
+        a.kv_shared = store.addr  # (the workers' --kv-shared)
     supervisor = Supervisor(conductor, a.max_restarts)
     spawn_workers(conductor, roles, core_groups, a, supervisor)
     app = build_app(conductor, served, api_key=a.api_key)
@@ -276,6 +285,12 @@ async def run_deployment(a) -> int:
     tasks = [asyncio.create_task(announce()), asyncio.create_task(supervisor.run())]
     if planner is not None:
         tasks.append(asyncio.create_task(planner.run()))
+    if store is not None:
+        tasks.append(asyncio.create_task(store.watch()))
+    if a.kv_shared and conductor.state.prefix_index is not None:
+        from splitserve.server.shared_kv import feed_index
+
+        tasks.append(asyncio.create_task(feed_index(a.kv_shared, conductor.state.prefix_index)))
     try:
         await server.serve()
     finally:
@@ -285,6 +300,8 @@ async def run_deployment(a) -> int:
         for p in supervisor.procs():  # (one started again that had not registered yet)
             if p.poll() is None:
                 p.kill()
+        if store is not None:
+            store.stop()
     return 0
 
 
@@ -308,6 +325,12 @@ def add_serve_args(p) -> None:
                         "or always on a prefill worker (off), or on a decode worker wherever the "
                         "cost model says its first token comes sooner, in chunks sized to keep "
                         "that worker's decodes within --tpot-slo (slo; needs --latency-model)")
+    p.add_argument("--kv-shared-gb", type=float, default=0.0,
+                   help="start a shared KV tier of this many GiB (a store process, kv/store.py): "
+                        "every worker puts the blocks it computes there and loads the prefixes "
+                        "other workers computed instead of recomputing them; the router counts "
+                        "its blocks as held by every worker (0: none; --kv-shared HOST:PORT: "
+                        "use a store already running)")
     p.add_argument("--cache-imbalance", type=int, default=4,
                    help="cache-aware routing's balance guard: a worker with more than this many "
                         "requests in flight beyond the least loaded one does not compete, however "
@@ -370,6 +393,17 @@ def check_tier_flags(a) -> None:
         raise SystemExit("--kv-host-gb and --kv-disk-gb must be >= 0")
     if a.kv_disk_gb and not (a.kv_disk_dir and a.kv_host_gb):
         raise SystemExit("--kv-disk-gb needs --kv-disk-dir and a DRAM tier above it (--kv-host-gb)")
+    if a.kv_shared:
+        from splitserve.kv.store_client import parse_addr
+
+        try:
+            parse_addr(a.kv_shared)
+        except ValueError as e:
+            raise SystemExit(f"--kv-shared: {e}") from None
+    shared_gb = getattr(a, "kv_shared_gb", 0.0)
+    if shared_gb < 0 or (shared_gb and a.kv_shared):
+        raise SystemExit("--kv-shared-gb (a store serve starts) must be >= 0, and not given "
+                         "with --kv-shared (a store already running)")
 
 
 def add_worker_args(p) -> None:
@@ -400,6 +434,10 @@ def add_worker_args(p) -> None:
                         "directory (serve gives each worker a subdirectory named by its id)")
     p.add_argument("--kv-disk-gb", type=float, default=0.0,
                    help="the disk tier's size (needs --kv-disk-dir and --kv-host-gb)")
+    p.add_argument("--kv-shared", default=None, metavar="HOST:PORT",
+                   help="the shared KV tier: a KV store (splitserve kv-store) the worker puts "
+                        "the blocks it computes into and loads prefixes from, so a prefix "
+                        "computed on one worker is loaded, not recomputed, on another")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--reroleable", action="store_true",
                    help="the worker can change role while it runs (POST /admin/role, serve "
@@ -481,7 +519,7 @@ def run_worker_cli(a, engine: EngineConfig) -> int:
         max_model_len=a.max_model_len,
         cache=CacheConfig(num_blocks=a.num_blocks, kv_cache_memory_gb=a.kv_cache_gb,
                           host_cache_gb=a.kv_host_gb, disk_cache_dir=a.kv_disk_dir,
-                          disk_cache_gb=a.kv_disk_gb),
+                          disk_cache_gb=a.kv_disk_gb, shared_cache=a.kv_shared),
         scheduler=SchedulerConfig(max_num_batched_tokens=a.max_num_batched_tokens,
                                   max_num_seqs=a.max_num_seqs,
                                   chunked_prefill=not a.no_chunked_prefill, role=a.role,

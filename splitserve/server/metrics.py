@@ -152,14 +152,15 @@ class WorkerCollector:
         # the tiers below the pool (kv/tiers.py): hits by tier, bytes between tiers
         tier_hits = CounterMetricFamily(
             "splitserve_prefix_cache_tier_hits", "Prompt tokens found in the prefix cache, by "
-            "tier (device: the worker's KV pool; dram, disk: the tiers below it)",
+            "tier (device: the worker's KV pool; dram, disk: the tiers below it; shared: the KV "
+            "store every worker loads from)",
             labels=labels + ["tier"])
         tier_bytes = CounterMetricFamily(
             "splitserve_kv_tier_bytes", "KV bytes copied between a worker's tiers",
             labels=labels + ["src", "dst"])
         tier_corrupt = CounterMetricFamily(
-            "splitserve_kv_tier_corrupt", "Disk KV blocks refused (checksum, size or name "
-            "wrong) or lost, and recomputed", labels=labels)
+            "splitserve_kv_tier_corrupt", "Disk or shared-store KV blocks refused (checksum, "
+            "size or name wrong) or lost, and recomputed", labels=labels)
         tier_blocks = GaugeMetricFamily("splitserve_kv_tier_blocks", "KV blocks each tier "
                                         "below the pool holds", labels=labels + ["tier"])
         for s in stats:
