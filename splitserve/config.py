@@ -176,16 +176,17 @@ class CacheConfig:
     host_cache_gb: float = 0.0
     disk_cache_dir: str | None = None
     disk_cache_gb: float = 0.0
-    # The shared tier (kv/store.py): "host:port" of a KV store every worker puts the blocks
-    # it computes into and loads blocks from (None: no shared tier).
+    # The shared tier: "host:port" of a KV store (kv/store.py), or "mooncake://host:port"
+    # of a Mooncake Store master (kv/store_mooncake.py), every worker puts the blocks it
+    # computes into and loads blocks from (None: no shared tier).
     shared_cache: str | None = None
 
     def __post_init__(self):
         if self.shared_cache is not None:
-            from splitserve.kv.store_client import parse_addr
+            from splitserve.kv.store_client import check_addr
 
             try:
-                parse_addr(self.shared_cache)
+                check_addr(self.shared_cache)
             except ValueError as e:
                 raise InvalidRequestError(f"shared_cache: {e}") from None
         if self.host_cache_gb < 0 or self.disk_cache_gb < 0:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -81,7 +82,7 @@ def test_blocks_put_by_one_client_are_got_by_another_and_a_damaged_one_is_refuse
     assert b.get(_h(99)) is None
     # damaged in the store (or anywhere on the way): the digest no longer matches
     digest, payload = store.store._blocks[_h(2)]
-    store.store._blocks[_h(2)] = (digest, payload[:-1] + bytes([payload[-1] ^ 1]))
+    store.store._blocks[_h(2)] = (digest, bytes(payload[:-1]) + bytes([payload[-1] ^ 1]))
     assert b.get(_h(2)) is None and b.corrupt == 1
     assert b.get(_h(3)) == blocks[_h(3)]  # the connection is still good
 
@@ -282,7 +283,7 @@ def test_a_prompt_computed_on_one_engine_is_loaded_by_another_with_the_same_outp
                 [lp for lp, _ in want.logprobs], abs=1e-3)
         # every block damaged in the store: refused, recomputed, the same output
         for k, (digest, payload) in list(big.store._blocks.items()):
-            big.store._blocks[k] = (digest, payload[:-8] + bytes(8))
+            big.store._blocks[k] = (digest, bytes(payload[:-8]) + bytes(8))
         c = make(shared_cache=addr)
         again = c.generate([PROMPT], GREEDY)[0]
         assert again.token_ids == want.token_ids and again.num_cached_tokens == 0
@@ -376,3 +377,70 @@ def test_served_workers_load_each_others_prefixes_from_the_store_and_outlive_it(
                          "the store started again")
     finally:
         s.close()
+
+
+# -- Mooncake Store, when installed (never a dependency) ---------------------------------------
+def test_mooncake_addresses_are_checked_at_the_edge():
+    from splitserve.kv.store_mooncake import parse_mooncake
+
+    assert parse_mooncake("mooncake://10.0.0.5:50051?segment_gb=2") == ("10.0.0.5:50051", 2.0)
+    assert parse_mooncake("mooncake://h:1") == ("h:1", 1.0)
+    for bad in ("mooncake://h", "mooncake://h:1?segment_gb=0", "mooncake://h:1?size=3"):
+        with pytest.raises(ValueError):
+            parse_mooncake(bad)
+    with pytest.raises(InvalidRequestError, match="segment_gb"):
+        LLM("default", shared_cache="mooncake://h:1?segment_gb=x")
+
+
+@pytest.fixture
+def mooncake_master():
+    import shutil
+    import subprocess
+
+    pytest.importorskip("mooncake.store")
+    exe = shutil.which("mooncake_master") or os.path.join(os.path.dirname(sys.executable),
+                                                          "mooncake_master")
+    if not os.path.exists(exe):
+        pytest.skip("mooncake_master is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics = s.getsockname()[1]
+    proc = subprocess.Popen([exe, f"--rpc_port={port}", f"--metrics_port={metrics}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mooncake_master did not start"
+                time.sleep(0.05)
+        yield f"mooncake://127.0.0.1:{port}?segment_gb=0.0625"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mooncake_store_client_puts_gets_matches_and_refuses_a_damaged_block(mooncake_master):
+    from splitserve.kv.store_mooncake import MooncakeStoreClient
+
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    a, b = MooncakeStoreClient(mooncake_master), MooncakeStoreClient(mooncake_master)
+    blocks = {_h(i): os.urandom(4096) for i in range(4)}
+    for k, v in blocks.items():
+        a.put(k, v)
+    assert a.flush() and a.dropped == 0
+    assert b.match(list(blocks) + [_h(99)]) == 4
+    assert all(b.get(k) == v for k, v in blocks.items())
+    assert b.get(_h(99)) is None
+    with a._lock:  # damaged in the store: a value whose digest no longer matches
+        a._store.remove(a._key(_h(1)), True)
+        assert a._store.put(a._key(_h(1)), bytes(16) + blocks[_h(1)]) == 0
+    assert b.get(_h(1)) is None and b.corrupt == 1
+    assert b.match(list(blocks)) == 1  # removed: the next lookup misses
+    b.close()
+    a.close()

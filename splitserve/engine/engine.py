@@ -117,13 +117,13 @@ class LLMEngine:
         self.kv_tiers = None
         # (tiers serve prefix hits only)
         if (cc.host_cache_gb > 0 or cc.shared_cache) and cc.enable_prefix_caching:
-            from splitserve.kv.store_client import KVStoreClient
+            from splitserve.kv.store_client import connect
             from splitserve.kv.tiers import KVTiers
 
             dram = max(1, int(cc.host_cache_gb * 2**30 // per_block)) if cc.host_cache_gb > 0 else 0
             self.kv_tiers = KVTiers(self.kv_cache, dram, cc.disk_cache_dir,
                                     int(cc.disk_cache_gb * 2**30 // per_block),
-                                    KVStoreClient(cc.shared_cache) if cc.shared_cache else None)
+                                    connect(cc.shared_cache) if cc.shared_cache else None)
             self.kv_manager.attach_tiers(self.kv_tiers)
         self.scheduler = self.core.scheduler
         self.sampler = Sampler(self.device, config.seed)

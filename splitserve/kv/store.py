@@ -190,7 +190,8 @@ def decode_events(body: bytes) -> tuple[int, list[tuple[bool, bytes]]]:
     return seq, [(body[i] == 1, body[i + 1:i + step]) for i in range(SEQ.size, len(body), step)]
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> memoryview:
+    """n bytes, in a buffer of their own (writable: torch.frombuffer takes it as it is)."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -198,18 +199,34 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         if k == 0:
             raise ConnectionError("the KV store connection closed")
         got += k
-    return bytes(buf)
+    return view
 
 
-def recv_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+def recv_frame(sock: socket.socket) -> tuple[bytes, memoryview]:
     op, n = HEAD.unpack(recv_exact(sock, HEAD.size))
     if n > MAX_FRAME:
         raise ConnectionError(f"a KV store frame of {n} bytes")
-    return op, recv_exact(sock, n) if n else b""
+    return op, recv_exact(sock, n) if n else memoryview(b"")
 
 
 def frame(op: bytes, body: bytes = b"") -> bytes:
     return HEAD.pack(op, len(body)) + body
+
+
+def send_frame(sock: socket.socket, op: bytes, *parts) -> None:
+    """A frame whose body is `parts` (bytes-like), sent without joining them: a block's
+    payload is not copied on its way to the socket."""
+    n = sum(memoryview(p).nbytes for p in parts)
+    small = HEAD.pack(op, n)
+    for p in parts:
+        if memoryview(p).nbytes < 4096:
+            small += bytes(p)
+            continue
+        sock.sendall(small)
+        small = b""
+        sock.sendall(p)
+    if small:
+        sock.sendall(small)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -224,28 +241,30 @@ class _Handler(socketserver.BaseRequestHandler):
                 if op == b"S":
                     self._stream(store, sock)
                     return
-                sock.sendall(self._answer(store, op, body))
+                send_frame(sock, *self._answer(store, op, body))
         except (ConnectionError, OSError):
             return
         finally:
             self.server.conns.discard(sock)
 
     @staticmethod
-    def _answer(store: BlockStore, op: bytes, body: bytes) -> bytes:
+    def _answer(store: BlockStore, op: bytes, body: memoryview) -> tuple:
+        """(status, *body parts). A put keeps a view of the frame's own buffer: no copy."""
         match op:
             case b"P" if len(body) >= KEY + DIGEST:
-                return frame(store.put(body[:KEY], body[KEY:KEY + DIGEST], body[KEY + DIGEST:]))
+                return (store.put(bytes(body[:KEY]), bytes(body[KEY:KEY + DIGEST]),
+                                  body[KEY + DIGEST:]),)
             case b"G" if len(body) == KEY:
-                got = store.get(body)
-                return frame(b"-") if got is None else frame(b"+", got[0] + got[1])
+                got = store.get(bytes(body))
+                return (b"-",) if got is None else (b"+", got[0], got[1])
             case b"M" if len(body) % KEY == 0:
-                keys = [body[i:i + KEY] for i in range(0, len(body), KEY)]
-                return frame(b"+", COUNT.pack(store.match(keys)))
+                keys = [bytes(body[i:i + KEY]) for i in range(0, len(body), KEY)]
+                return b"+", COUNT.pack(store.match(keys))
             case b"R" if len(body) == KEY:
-                return frame(b"+" if store.remove(body) else b"-")
+                return (b"+" if store.remove(bytes(body)) else b"-",)
             case b"I":
-                return frame(b"+", json.dumps(store.info()).encode())
-        return frame(b"?", f"bad request {op!r} of {len(body)} bytes".encode())
+                return b"+", json.dumps(store.info()).encode()
+        return b"?", f"bad request {op!r} of {len(body)} bytes".encode()
 
     @staticmethod
     def _stream(store: BlockStore, sock: socket.socket) -> None:

@@ -1,8 +1,9 @@
 """A worker's connection to the shared KV store (kv/store.py): puts in the background, gets
 and matches in line, and every failure a miss.
 
-A put copies the block out of the pool at once (the pool may reuse the block right after)
-and queues it; a thread hashes and sends it, so the engine's step never waits on the store.
+A put takes a copy of the block made at once (the pool may reuse the block right after: the
+caller copies it out, any buffer will do) and queues it; a thread hashes and sends it, with
+no further copy, so the engine's step never waits on the store.
 The queue is bounded: when the store is slower than the blocks come, the newest puts are
 dropped (counted) — a block not in the store is only recomputed elsewhere.
 
@@ -30,8 +31,33 @@ log = logging.getLogger(__name__)
 def parse_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"a KV store address is host:port, got {addr!r}")
+        raise ValueError(f"a KV store address is host:port (the built-in store) or "
+                         f"mooncake://host:port[?segment_gb=N] (Mooncake Store), got {addr!r}")
     return host, int(port)
+
+
+def is_mooncake(addr: str) -> bool:
+    return addr.startswith("mooncake://")
+
+
+def check_addr(addr: str) -> None:
+    """Raise ValueError naming what is wrong with a shared-tier address."""
+    if is_mooncake(addr):
+        from splitserve.kv.store_mooncake import parse_mooncake
+
+        parse_mooncake(addr)
+    else:
+        parse_addr(addr)
+
+
+def connect(addr: str):
+    """The shared tier's client for `addr`: the built-in store's (host:port) or Mooncake
+    Store's (mooncake://...; kv/store_mooncake.py)."""
+    if is_mooncake(addr):
+        from splitserve.kv.store_mooncake import MooncakeStoreClient
+
+        return MooncakeStoreClient(addr)
+    return KVStoreClient(addr)
 
 
 class _Conn:
@@ -43,7 +69,7 @@ class _Conn:
         self.down_until = 0.0
         self.failures = 0
 
-    def call(self, op: bytes, body: bytes) -> tuple[bytes, bytes] | None:
+    def call(self, op: bytes, *parts) -> tuple[bytes, memoryview] | None:
         # a connection that was open may have gone stale (the store restarted since it was
         # last used): one more try on a fresh one before the store counts as down
         for fresh in (self.sock is None, True):
@@ -56,7 +82,7 @@ class _Conn:
                 except OSError as e:
                     return self._failed(e)
             try:
-                self.sock.sendall(S.frame(op, body))
+                S.send_frame(self.sock, op, *parts)
                 return S.recv_frame(self.sock)
             except (OSError, ConnectionError) as e:
                 if fresh:
@@ -96,13 +122,15 @@ class KVStoreClient:
         self._thread.start()
 
     # -- what KVTiers calls --------------------------------------------------------------------
-    def put(self, key: bytes, payload: bytes) -> None:
+    def put(self, key: bytes, payload) -> None:
+        """Queue `payload` (bytes-like, not changed after this) for the store."""
         try:
             self._queue.put_nowait((key, payload))
         except queue.Full:
             self.dropped += 1
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> memoryview | None:
+        """The block's payload (a writable buffer of its own), or None."""
         got = self._get.call(b"G", key)
         if got is None or got[0] != b"+":
             return None
@@ -123,7 +151,7 @@ class KVStoreClient:
         """How many of the leading keys the store holds (0 when it cannot say)."""
         if not keys:
             return 0
-        got = self._get.call(b"M", b"".join(keys))
+        got = self._get.call(b"M", *keys)
         if got is None or got[0] != b"+" or len(got[1]) != S.COUNT.size:
             return 0
         return min(S.COUNT.unpack(got[1])[0], len(keys))
@@ -145,11 +173,11 @@ class KVStoreClient:
             key, payload = self._queue.get()
             try:
                 digest = hashlib.blake2b(payload, digest_size=16).digest()
-                got = self._put.call(b"P", key + digest + payload)
+                got = self._put.call(b"P", key, digest, payload)
                 if got is None or got[0] not in (b"+", b"="):
                     self.dropped += 1
                 elif got[0] == b"+":
-                    self.put_bytes += len(payload)
+                    self.put_bytes += memoryview(payload).nbytes
             except Exception:  # noqa: BLE001 - the thread must outlive a bad block
                 log.exception("KV store: a put failed")
                 self.dropped += 1

@@ -135,8 +135,9 @@ class KVTiers:
         """The worker computed block `block_id` (its KV is written): share it."""
         if self.shared is None:
             return
-        try:
-            self.shared.put(block_hash, self._payload(self.kv.kv[:, :, block_id]))
+        try:  # (one copy, out of the pool; the client sends that buffer as it is)
+            self.shared.put(block_hash,
+                            self.kv.kv[:, :, block_id].contiguous().view(torch.uint8).numpy())
         except Exception:  # noqa: BLE001
             log.exception("KV tier: sharing a block failed; it is not shared")
 
@@ -168,7 +169,9 @@ class KVTiers:
             return False
         if payload is None:
             return False
-        block = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if not isinstance(payload, memoryview) or payload.readonly:
+            payload = bytearray(payload)  # (the disk's bytes; the store's buffer is its own)
+        block = torch.frombuffer(payload, dtype=torch.uint8)
         self.kv.kv[:, :, block_id].copy_(block.view(self.kv.kv.dtype).view(self.block_shape))
         return self._loaded(tier, t0)
 

@@ -28,6 +28,8 @@ from itertools import chain
 
 # a worker's pool, and the tiers below it (kv/tiers.py)
 TIER_BITS = {"device": 1, "dram": 2, "disk": 4, "shared": 8}
+# the holder id of the shared store (kv/store.py) in the index, fed by its event feed
+STORE_ID = "kv-store"
 
 
 class PrefixIndex:

@@ -287,8 +287,10 @@ async def run_deployment(a) -> int:
         tasks.append(asyncio.create_task(planner.run()))
     if store is not None:
         tasks.append(asyncio.create_task(store.watch()))
-    if a.kv_shared and conductor.state.prefix_index is not None:
-        from splitserve.server.shared_kv import feed_index
+    from splitserve.kv.store_client import is_mooncake
+
+    if a.kv_shared and conductor.state.prefix_index is not None and not is_mooncake(a.kv_shared):
+        from splitserve.server.shared_kv import feed_index  # (Mooncake Store has no feed)
 
         tasks.append(asyncio.create_task(feed_index(a.kv_shared, conductor.state.prefix_index)))
     try:
@@ -394,10 +396,10 @@ def check_tier_flags(a) -> None:
     if a.kv_disk_gb and not (a.kv_disk_dir and a.kv_host_gb):
         raise SystemExit("--kv-disk-gb needs --kv-disk-dir and a DRAM tier above it (--kv-host-gb)")
     if a.kv_shared:
-        from splitserve.kv.store_client import parse_addr
+        from splitserve.kv.store_client import check_addr
 
         try:
-            parse_addr(a.kv_shared)
+            check_addr(a.kv_shared)
         except ValueError as e:
             raise SystemExit(f"--kv-shared: {e}") from None
     shared_gb = getattr(a, "kv_shared_gb", 0.0)
@@ -435,9 +437,11 @@ def add_worker_args(p) -> None:
     p.add_argument("--kv-disk-gb", type=float, default=0.0,
                    help="the disk tier's size (needs --kv-disk-dir and --kv-host-gb)")
     p.add_argument("--kv-shared", default=None, metavar="HOST:PORT",
-                   help="the shared KV tier: a KV store (splitserve kv-store) the worker puts "
-                        "the blocks it computes into and loads prefixes from, so a prefix "
-                        "computed on one worker is loaded, not recomputed, on another")
+                   help="the shared KV tier: a KV store (splitserve kv-store at HOST:PORT, or "
+                        "Mooncake Store: mooncake://MASTER_HOST:PORT[?segment_gb=N], each "
+                        "worker mounting N GiB) the worker puts the blocks it computes into "
+                        "and loads prefixes from, so a prefix computed on one worker is "
+                        "loaded, not recomputed, on another")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--reroleable", action="store_true",
                    help="the worker can change role while it runs (POST /admin/role, serve "

@@ -20,10 +20,9 @@ import sys
 
 from splitserve.kv import store as S
 from splitserve.kv.store_client import parse_addr
+from splitserve.router.prefix_index import STORE_ID
 
 log = logging.getLogger(__name__)
-
-STORE_ID = "kv-store"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

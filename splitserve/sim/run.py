@@ -48,6 +48,10 @@ CPU_SHM_GB_S = 3.8
 # ~0.75 ms of CPU per streamed token on the workers' cores (decode-heavy at 1.5 req/s, pd and
 # chunked, /proc CPU times): what the simulator takes from busy workers.
 CPU_HOST_MS_PER_TOKEN = 0.75
+# The KV tiers' loads, per byte (SmolLM2's bf16 block of 16 tokens is 0.37 MB), measured on
+# the AMX machine of BENCHMARKS.md's tier sections: a copy from the host DRAM tier into the
+# pool, and a get from the shared store process (local TCP, the digest checked)
+CPU_TIER_GB_S = {"dram": 7.0, "shared": 0.46}
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ class SimSettings:
     hop_ms: float = 0.2
     data_hop_ms: float = 0.3
     host_cpu_ms_per_token: float | None = None  # None: 0.75 for a CPU model, 0 for a GPU one
+    host_cache_gb: float = 0.0  # each worker's DRAM tier (serve --kv-host-gb)
+    shared_cache_gb: float = 0.0  # the shared store (serve --kv-shared-gb)
 
     @classmethod
     def of(cls, a) -> SimSettings:
         return cls(a.block_size, a.max_num_seqs, a.local_prefill_chunk, a.kv_cache_gb,
                    a.model_shape, a.max_model_len, a.kv_link, a.kv_bandwidth, a.api_latency_ms,
-                   a.hop_latency_ms, a.data_hop_latency_ms, a.host_cpu_ms_per_token)
+                   a.hop_latency_ms, a.data_hop_latency_ms, a.host_cpu_ms_per_token,
+                   getattr(a, "kv_host_gb", 0.0), getattr(a, "kv_shared_gb", 0.0))
 
 
 def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
@@ -92,8 +99,14 @@ def build_workers(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings,
             prefill_chunk_while_decoding=s.local_prefill_chunk if role == "decode" else None)
         workers.append(WorkerSpec(role, cfg, num_blocks, s.block_size, max_model_len=max_len,
                                   prefill_policy=prefill_policy if role == "decode" else None,
-                                  latency=None if lat is latency else lat))
+                                  latency=None if lat is latency else lat,
+                                  host_blocks=int(s.host_cache_gb * 2**30 // block_bytes(lat, s))))
     return workers
+
+
+def block_bytes(latency: LatencyModel, s: SimSettings) -> int:
+    """A KV block's bytes (bf16) of the model the deployment pools."""
+    return s.block_size * _shape(latency, s).kv_bytes_per_token(2)
 
 
 def _pool(dep: DeploymentSpec, latency: LatencyModel, s: SimSettings) -> tuple[int, int]:
@@ -172,9 +185,13 @@ class Simulator:
         host_cpu = s.host_cpu_ms_per_token
         if host_cpu is None:
             host_cpu = 0.0 if latency.gpu is not None else CPU_HOST_MS_PER_TOKEN
+        per_block = block_bytes(latency, s)
         self.config = SimConfig(build_link(latency, s), api_s=s.api_ms / 1e3, hop_s=s.hop_ms / 1e3,
                                 data_hop_s=s.data_hop_ms / 1e3, local_prefill=dep.local_prefill,
-                                record=record, host_cpu_per_token_s=host_cpu / 1e3)
+                                record=record, host_cpu_per_token_s=host_cpu / 1e3,
+                                shared_blocks=int(s.shared_cache_gb * 2**30 // per_block),
+                                tier_load_s={t: per_block / (gb_s * 1e9)
+                                             for t, gb_s in CPU_TIER_GB_S.items()})
         self.quiet = quiet
         self.last: SimResult | None = None
         self.simulation: Simulation | None = None  # the last run's (its workers, their traces)
@@ -225,6 +242,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                         "experiment's --tpot-slo)")
     g.add_argument("--kv-cache-gb", type=E.positive(float), default=KV_CACHE_GB,
                    help="each worker's KV pool when the latency model knows no GPU")
+    g.add_argument("--kv-host-gb", type=E.non_negative, default=0.0,
+                   help="each worker's host DRAM tier below its pool (serve --kv-host-gb)")
+    g.add_argument("--kv-shared-gb", type=E.non_negative, default=0.0,
+                   help="a KV store every worker shares (serve --kv-shared-gb)")
     g.add_argument("--model-shape", default="SmolLM2-135M",
                    help="the model whose KV is pooled and handed over, for latency models "
                         "without one (fitted, constant)")

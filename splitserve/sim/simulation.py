@@ -25,10 +25,12 @@ from splitserve.kv.hashing import block_hashes, root_hash
 from splitserve.request import Request
 from splitserve.router.admission import Overloaded
 from splitserve.router.policies import LocalPrefill
+from splitserve.router.prefix_index import STORE_ID
 from splitserve.router.state import RouterState
 from splitserve.sim.events import EventLoop
 from splitserve.sim.kvlink import KVLink
 from splitserve.sim.latency.base import LatencyModel
+from splitserve.sim.tiers import SimStore
 from splitserve.sim.worker import (
     Abort,
     Generate,
@@ -53,6 +55,10 @@ class SimConfig:
     # host (they are not pinned: on a host whose cores all run workers they take it from them)
     host_cpu_per_token_s: float = 0.0
     record: bool = False  # keep every worker's decision log (EngineCore.trace)
+    # the shared KV tier (sim/tiers.py; serve --kv-shared-gb), in blocks (0: none), and each
+    # tier's load time per block
+    shared_blocks: int = 0
+    tier_load_s: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +103,11 @@ class Simulation:
         self.state.block_size = workers[0].block_size
         self._root = root_hash("sim", workers[0].block_size)  # (the SimWorkers' own)
         self._kv_seq: dict[str, int] = {}
+        self.store = SimStore(config.shared_blocks) if config.shared_blocks else None
+        if self.store is not None and self.state.prefix_index is not None:
+            self.state.prefix_index.add_shared(STORE_ID)
+            self.state.prefix_index.snapshot(STORE_ID, [])
+            self._kv_seq[STORE_ID] = 1
         self.workers: dict[str, SimWorker] = {}
         for i, spec in enumerate(workers):
             wid = f"{spec.role}-{i}"
@@ -174,6 +185,15 @@ class Simulation:
                    "kv": self._on_kv}[kind]
         self.loop.at(self.loop.now + self.config.hop_s, handler, worker.worker_id, *args)
 
+    def store_changed(self) -> None:
+        """The shared store's changes since the last call reach the index hop_s later (its
+        event feed)."""
+        if self.store is not None and self.store.events:
+            events, self.store.events = self.store.events, []
+            if self.state.prefix_index is not None:
+                self.loop.at(self.loop.now + self.config.hop_s, self._on_kv, STORE_ID, [],
+                             [("shared", stored, h) for stored, h in events])
+
     def _on_outputs(self, wid: str, outs) -> None:
         at_client = self.loop.now + self.config.api_s
         for o in outs:
@@ -193,10 +213,10 @@ class Simulation:
                 c.t_done = at_client
                 self.state.finish(rid)
 
-    def _on_kv(self, wid: str, events: list) -> None:
+    def _on_kv(self, wid: str, events: list, tier_events=()) -> None:
         seq = self._kv_seq[wid]
         self._kv_seq[wid] = seq + 1
-        self.state.prefix_index.apply(wid, seq, events)
+        self.state.prefix_index.apply(wid, seq, events, tier_events)
 
     def _on_reserved(self, wid: str, rid: str, block_ids: list[int], cached_blocks: int = 0) -> None:
         pid = self.state.on_reserved(rid, wid, self.loop.now)

@@ -24,6 +24,7 @@ from splitserve.errors import SplitServeError
 from splitserve.kv.hashing import root_hash
 from splitserve.request import Request, RequestStatus, SamplingParams
 from splitserve.sim.latency.base import Batch, LatencyModel
+from splitserve.sim.tiers import SimTiers
 
 # The token every simulated step samples: any id works (requests run to max_tokens with
 # ignore_eos and no eos ids), it only has to be a valid token for the block hashes.
@@ -43,6 +44,7 @@ class WorkerSpec:
     # () -> a fresh policy for the scheduler's own-prefill chunks (policies.SlackChunks), or None
     prefill_policy: Callable[[], object] | None = None
     latency: LatencyModel | None = None  # its own step times (None: the deployment's)
+    host_blocks: int = 0  # a host DRAM tier below the pool (sim/tiers.py), in blocks
 
 
 # -- the messages a simulated worker receives (the real ones are in disagg/messages.py) ------
@@ -133,6 +135,11 @@ class SimWorker:
         self.decode_side = (DecodeSide(sim.config.kv_timeout_s, sim.config.kv_queue_timeout_s)
                             if spec.role == "decode" else None)
         self.kv_lands: dict[str, float] = {}  # prefill side: when a request's last KV write lands
+        self.tiers = None
+        store = getattr(sim, "store", None)
+        if enable_caching and (spec.host_blocks or store is not None):
+            self.tiers = SimTiers(spec.host_blocks, store, sim.config.tier_load_s)
+            self.core.kv.attach_tiers(self.tiers)
         self.link_free_at = 0.0  # prefill side: its KV link is busy until then
 
     # -- messages --------------------------------------------------------------------------
@@ -262,6 +269,8 @@ class SimWorker:
                     _Output(r.request_id, 0, True) for r in sched_out.finished])
             return
         dt = self.latency.step_time(Batch.of(sched_out))
+        if self.tiers is not None:  # the blocks scheduling loaded from the tiers
+            dt += self.tiers.take_load_s()
         if self.prefill_side is not None:
             dt += self.sim.kv.write(self, sched_out, dt)
         dt += self.sim.host_cpu_taken(self)
@@ -275,10 +284,13 @@ class SimWorker:
         self.sim.loop.at(now + dt, self._end_step, sched_out, stepped)
 
     def _end_step(self, sched_out, stepped: list[Request]) -> None:
-        events = self.core.kv.pool.events
-        if events:  # what the real worker's loop sends after a step (KVEvents)
-            self.sim.router_receive(self, "kv", list(events))
+        events = self.core.kv.pool.events  # (None: the router keeps no prefix index)
+        tier_events = self.tiers.events if self.tiers is not None else []
+        if events is not None and (events or tier_events):  # the real loop's KVEvents
+            self.sim.router_receive(self, "kv", list(events), list(tier_events))
             events.clear()
+        tier_events.clear()
+        self.sim.store_changed()
         outs = [_Output(r.request_id, 0, True) for r in sched_out.finished]
         self.counters.tokens += len(stepped)
         if self.role == "prefill":
