@@ -38,7 +38,7 @@ def store():
 def _dead_addr() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return "127.0.0.1:%d" % s.getsockname()[1]  # closed again: nothing listens there
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
 
 
 # -- the store and its client ----------------------------------------------------------------
@@ -357,8 +357,9 @@ def test_served_workers_load_each_others_prefixes_from_the_store_and_outlive_it(
             first = ask(s, prompt)
             n = first["usage"]["prompt_tokens"]
             # its blocks are in the store (the worker says so with its next heartbeats)
-            wait_for(lambda: _total(_metrics(s), "device>shared") >= pushed + (n - 1) // 16
-                     * block_bytes, 20, "the first worker's blocks in the store")
+            want = pushed + (n - 1) // 16 * block_bytes
+            wait_for(lambda want=want: _total(_metrics(s), "device>shared") >= want, 20,
+                     "the first worker's blocks in the store")
             hits = _total(_metrics(s), "shared")
             again = ask(s, prompt)  # the other worker
             assert again["choices"][0]["text"] == first["choices"][0]["text"]
@@ -373,7 +374,7 @@ def test_served_workers_load_each_others_prefixes_from_the_store_and_outlive_it(
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
                 ask(s, "While the store is down, requests are served all the same. " * 3)
-                wait_for(lambda: _store_pid(s.proc.pid) not in (None, pid), 20,
+                wait_for(lambda pid=pid: _store_pid(s.proc.pid) not in (None, pid), 20,
                          "the store started again")
     finally:
         s.close()

@@ -294,7 +294,8 @@ class StoreServer(socketserver.ThreadingTCPServer):
 
     @property
     def addr(self) -> str:
-        return "%s:%d" % self.server_address[:2]
+        host, port = self.server_address[:2]
+        return f"{host}:{port}"
 
     def stop(self) -> None:
         """Stop listening and drop every connection (as the process exiting would)."""
