@@ -34,6 +34,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def find_tier_run(hashes, find, match) -> list[str]:
+    """The tiers holding the leading run of `hashes`, up to the first none holds: `find(h)`
+    names the worker's own tier holding h (or None), `match(hashes)` says how many leading
+    ones the shared store holds (None: no store). The store is asked once per run of blocks
+    the worker's own tiers miss. (kv/tiers.py and sim/tiers.py both answer find_run so.)"""
+    out: list[str] = []
+    i, n = 0, len(hashes)
+    while i < n:
+        tier = find(hashes[i])
+        if tier is not None:
+            out.append(tier)
+            i += 1
+            continue
+        m = match(list(hashes[i:])) if match is not None else 0
+        if m == 0:
+            break
+        out.append("shared")
+        out.extend(find(h) or "shared" for h in hashes[i + 1:i + m])
+        i += m
+    return out
+
+
 def worth_loading(run: list[str], load_s: dict[str, float], recompute_s: float | None) -> int:
     """How many leading blocks of `run` (the tier of each) to load rather than recompute:
     the count that saves the most time, each block saving `recompute_s` less its tier's

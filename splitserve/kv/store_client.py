@@ -36,6 +36,14 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def drained(q: queue.Queue, timeout_s: float) -> bool:
+    """Wait until every item put on `q` is done (task_done); False after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while q.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return not q.unfinished_tasks
+
+
 def is_mooncake(addr: str) -> bool:
     return addr.startswith("mooncake://")
 
@@ -158,10 +166,7 @@ class KVStoreClient:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until the queued puts are sent (tests, shutdown). False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return not self._queue.unfinished_tasks
+        return drained(self._queue, timeout_s)
 
     def close(self) -> None:
         self._get.close()

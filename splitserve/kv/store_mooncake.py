@@ -21,7 +21,6 @@ import hashlib
 import logging
 import queue
 import threading
-import time
 from urllib.parse import parse_qs, urlsplit
 
 from splitserve.errors import SplitServeError
@@ -113,10 +112,9 @@ class MooncakeStoreClient:
             self._store.remove(self._key(key), True)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return not self._queue.unfinished_tasks
+        from splitserve.kv.store_client import drained
+
+        return drained(self._queue, timeout_s)
 
     def close(self) -> None:
         with self._lock:

@@ -49,6 +49,7 @@ import torch
 
 from splitserve.errors import SplitServeError
 from splitserve.kv.cache import KVCache
+from splitserve.kv.manager import find_tier_run
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +107,8 @@ class KVTiers:
         """The tiers holding the leading run of `hashes` ("dram", "disk", "shared"), up to
         the first none holds. The worker's own tiers first; the store is asked once per run
         of blocks they miss."""
-        out: list[str] = []
-        i, n = 0, len(hashes)
-        while i < n:
-            tier = self.find(hashes[i])
-            if tier is not None:
-                out.append(tier)
-                i += 1
-                continue
-            m = self.shared.match(list(hashes[i:])) if self.shared is not None else 0
-            if m == 0:
-                break
-            out.append("shared")
-            out.extend(self.find(h) or "shared" for h in hashes[i + 1:i + m])
-            i += m
-        return out
+        return find_tier_run(hashes, self.find,
+                             self.shared.match if self.shared is not None else None)
 
     def costs(self) -> tuple[dict[str, float], float | None]:
         """(seconds per block loaded, by tier; seconds per block recomputed, or None)."""
@@ -251,7 +239,7 @@ class KVTiers:
             return
         while len(self._disk) >= self.disk_blocks:
             self._disk_drop(next(iter(self._disk)))
-        payload = self._payload(block)
+        payload = block.contiguous().view(torch.uint8).numpy().tobytes()
         digest = hashlib.blake2b(payload, digest_size=16).digest()
         tmp = self._path(block_hash) + ".tmp"
         try:
@@ -303,10 +291,6 @@ class KVTiers:
             self._event("disk", False, block_hash)
 
     # -- bookkeeping -----------------------------------------------------------------------
-    @staticmethod
-    def _payload(block: torch.Tensor) -> bytes:
-        return block.contiguous().view(torch.uint8).numpy().tobytes()
-
     def _count(self, src: str, dst: str) -> None:
         self.moved[(src, dst)] = self.moved.get((src, dst), 0) + self.block_nbytes
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from splitserve.kv.manager import find_tier_run
+
 
 class SimStore:
     def __init__(self, capacity_blocks: int):
@@ -61,7 +63,6 @@ class SimTiers:
         self.load_s = load_s  # seconds per block loaded, by tier
         self.events: list[tuple[str, bool, bytes]] = []  # (tier, stored, hash), for the index
         self.pending_s = 0.0  # load time the next step pays
-        self.loaded = {"dram": 0, "shared": 0}
 
     def find(self, h: bytes) -> str | None:
         if h in self._dram:
@@ -71,20 +72,7 @@ class SimTiers:
 
     def find_run(self, hashes) -> list[str]:
         """As kv/tiers.KVTiers.find_run: the worker's own tier first, the store for the rest."""
-        out: list[str] = []
-        i, n = 0, len(hashes)
-        while i < n:
-            if self.find(hashes[i]):
-                out.append("dram")
-                i += 1
-                continue
-            m = self.store.match(hashes[i:]) if self.store is not None else 0
-            if m == 0:
-                break
-            out.append("shared")
-            out.extend(self.find(h) or "shared" for h in hashes[i + 1:i + m])
-            i += m
-        return out
+        return find_tier_run(hashes, self.find, self.store.match if self.store is not None else None)
 
     def costs(self) -> tuple[dict[str, float], float | None]:
         return self.load_s, None
@@ -97,7 +85,6 @@ class SimTiers:
         else:
             return False
         self.pending_s += self.load_s.get(tier, 0.0)
-        self.loaded[tier] += 1
         return True
 
     def offload(self, h: bytes, block_id: int) -> None:
